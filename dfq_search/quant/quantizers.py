@@ -197,7 +197,11 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.frozen:
-            return fake_quant(x, self.scale.abs().clamp(min=_EPS), self.zero_point, self.bits)
+            scale = self.scale.abs().clamp(min=_EPS)
+            if not torch.is_grad_enabled() and x.dtype == torch.float32:  # one fused kernel
+                zp = self.zero_point.to(torch.int32)
+                return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 2**self.bits - 1)
+            return fake_quant(x, scale, self.zero_point, self.bits)
         if self.observing:
             self.observe(x)
         if self.n_obs == 0:
