@@ -1,0 +1,128 @@
+"""One post-training quantization run: calibrate, then reconstruct (BRECQ / QDrop / ModCap).
+
+    result = run_ptq(P, plan, batches, PTQConfig(modcap_k=1), device="cpu")
+    result.model          # Q, a plain quantized model (hard-rounded weights, learned step sizes)
+    result.unit_errors    # relative output error of every unit after reconstruction
+    result.oscillation    # the oscillation figure of those errors
+
+P is never modified. ``batches`` is any iterable of input tensors (or (input, label) pairs): real
+images, buffered synthetic ones, or Gaussian noise; it is read into memory once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dfq_search.errors import DfqError
+from dfq_search.ptq.calibrate import as_batches, calibrate_ranges_, reestimate_bn_
+from dfq_search.ptq.config import PTQConfig, ReconConfig
+from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains
+from dfq_search.ptq.reconstruct import ChainRecord, reconstruct_chain_
+from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
+from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
+
+
+def oscillation(errors: Sequence[float]) -> float:
+    """Σ_i |e_{i+1} − e_i| − |e_last − e_first|: the up-and-down of the per-unit errors beyond their
+    net trend (0 for a monotone sequence; twice the sum of the moves against the trend otherwise)."""
+    steps = [b - a for a, b in itertools.pairwise(errors)]
+    return sum(abs(s) for s in steps) - abs(sum(steps))
+
+
+def rise(errors: Sequence[float]) -> float:
+    """Σ_i max(e_{i+1} − e_i, 0): the sum of the increases of the error along the units."""
+    return sum(max(b - a, 0.0) for a, b in itertools.pairwise(errors))
+
+
+@dataclass
+class PTQResult:
+    """The quantized model and what its reconstruction did."""
+
+    model: nn.Module
+    units: list[Unit]
+    groups: list[list[str]]
+    records: list[ChainRecord] = field(default_factory=list)
+    unit_errors: list[float] = field(default_factory=list)
+    differentials: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def oscillation(self) -> float:
+        return oscillation(self.unit_errors)
+
+    @property
+    def rise(self) -> float:
+        return rise(self.unit_errors)
+
+    def summary(self) -> dict:
+        return {
+            "groups": self.groups, "unit_errors": self.unit_errors, "oscillation": self.oscillation,
+            "rise": self.rise, "differentials": self.differentials, "seconds": self.seconds,
+            "chain_losses": [(r.units, r.loss_before, r.loss_after) for r in self.records],
+        }  # fmt: skip
+
+
+def reconstruct_(
+    q: nn.Module, p: nn.Module, data: Sequence[Tensor], units: Sequence[Unit],
+    groups: Sequence[Sequence[int]], config: ReconConfig,
+) -> list[ChainRecord]:  # fmt: skip
+    """Reconstruct ``q``'s units group by group (each group a chain of unit indices), in order."""
+    records = []
+    for group in groups:
+        names = [units[i].name for i in group]
+        x = capture(q, names[0], data, "input")
+        y = capture(p, names[-1], data, "output")
+        modules = [q.get_submodule(n) for n in names]
+        records.append(reconstruct_chain_(modules, names, x, y, config))
+        del x, y
+    return records
+
+
+def _check_config(config: QuantConfig) -> None:
+    if config.weight_range != "mse":
+        raise DfqError(
+            "reconstruction needs fixed weight ranges", config.weight_range, "weight_range='mse'",
+            "use PROTOCOLS['ptq'].config or QuantConfig(weight_range='mse')",
+        )  # fmt: skip
+
+
+def run_ptq(
+    p: nn.Module,
+    plan: BitPlan,
+    batches: Iterable,
+    config: PTQConfig | None = None,
+    quant_config: QuantConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> PTQResult:
+    """Quantize a copy of ``p`` under ``plan`` and calibrate/reconstruct it on ``batches``."""
+    config = config or PTQConfig()
+    quant_config = quant_config or PROTOCOLS["ptq"].config
+    _check_config(quant_config)
+    start = time.perf_counter()
+    data = as_batches(batches, device)
+    p.eval()
+    q = quantized_copy(p, plan, data[0][:1], quant_config)
+    units = find_units(q, data[0][:1])
+    check_k(units, config.modcap_k)
+    if config.bn_reestimate:
+        reestimate_bn_(q, data, device)
+    calibrate_ranges_(q, data, config.act_range, config.percentile, device, config.recon.seed)
+    result = PTQResult(q, units, [[u.name] for u in units])
+    if config.reconstruct:
+        groups = [[i] for i in range(len(units))]
+        if config.modcap_k > 0:
+            caps = (data_capacity(unit_errors(q, p, units, data)) if config.capacity == "data"
+                    else data_free_capacity(q, units, config.stride_factor))  # fmt: skip
+            groups, diffs = modcap_chains(units, caps, config.modcap_k, config.max_chain)
+            result.differentials = {f"{units[i].name}|{units[i + 1].name}": d for i, d in diffs.items()}
+        result.groups = [[units[i].name for i in g] for g in groups]
+        result.records = reconstruct_(q, p, data, units, groups, config.recon)
+    result.unit_errors = unit_errors(q, p, units, data)
+    result.seconds = time.perf_counter() - start
+    return result
