@@ -63,6 +63,8 @@ class AdaRoundWeightQuantizer(WeightQuantizer):
         shape = (-1,) + (1,) * (weight.dim() - 1)
         scale, zp = qparams(lo, hi, self.bits)
         w = weight.detach() / scale.view(shape)
+        if w.dim() == 4:  # CPU convolutions compute weight gradients ~8x faster in channels_last
+            w = w.contiguous(memory_format=torch.channels_last)
         self.register_buffer("step", scale.view(shape).clone())
         self.register_buffer("zp", zp.view(shape).clone())
         self.register_buffer("w_floor", w.floor())

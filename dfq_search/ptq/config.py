@@ -91,7 +91,7 @@ class PTQConfig:
     max_chain: the longest chain of units merged into one (pairs may chain).
     """
 
-    act_range: str = "mse"
+    act_range: str = "percentile"
     percentile: float = 99.99
     bn_reestimate: bool = False
     reconstruct: bool = True

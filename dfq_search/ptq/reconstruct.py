@@ -102,6 +102,8 @@ def reconstruct_chain_(
 ) -> ChainRecord:
     """Reconstruct the layers of ``units`` (a chain of Q's modules) so that they map ``x`` to ``y``."""
     start = time.perf_counter()
+    if x.dim() == 4:  # see AdaRoundWeightQuantizer: channels_last makes the backward pass fast on CPU
+        x = x.contiguous(memory_format=torch.channels_last)
     chain = Chain(units).eval()
     layers = [m for m in chain.modules() if isinstance(m, QUANT_LAYERS)]
     quants = [m for m in chain.modules() if isinstance(m, ActQuantizer) and m.enabled and bool(m.frozen)]
