@@ -1,0 +1,161 @@
+"""Typed configuration of a data-free fine-tuning run; YAML keys = field names, unknown keys refused.
+
+A config file has four sections, ``source``, ``sample_loss``, ``q_loss`` and ``train``, each a
+dataclass below. ``load_config(preset_or_path, overrides)`` reads a preset (``gdfq``, ``dsg``,
+``adasg``, ``adadfq``, ``lrq``) or a YAML file and applies overrides given as a nested dict or as
+dotted strings ``"train.iterations=200"`` (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfq_search.errors import DfqError, close_matches, unknown_name
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("adadfq", "adasg", "dsg", "gdfq", "lrq")
+
+
+@dataclass
+class SourceConfig:
+    """The sample source and its optimiser (Adam)."""
+
+    name: str = "gdfq"
+    latent_dim: int = 100
+    upsamples: int = 2
+    conditional_bn: bool = False
+    lka_after: list[int] | None = None  # None: the source's default (lrq: after stages 1 and 2)
+    lka_kernels: list[int] = field(default_factory=lambda: [5, 7])
+    lka_dilation: int = 3
+    pixels: int = 256  # images in the bank of the "pixels" source
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+@dataclass
+class SampleLossConfig:
+    """Weights of the generator's terms (see dfq_search.synth.losses) and their knobs."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "bns": 0.1})
+    use_std: bool = False
+    slack_eps: float = 0.9
+    lambda_l: float = 0.1
+    lambda_u: float = 0.8
+    ama_margin: float = 0.2
+    ama_scale: float = 10.0
+
+
+@dataclass
+class QLossConfig:
+    """Weights of Q's terms (see dfq_search.qat.losses) and their temperatures."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"kd": 1.0, "ce": 1.0})
+    temperature: float = 20.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_temperature: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    """The game's schedule. ``q_lr_milestones`` are fractions of ``iterations`` where Q's lr ×0.1."""
+
+    iterations: int = 1000
+    warmup: int = 0
+    batch_size: int = 32
+    q_lr: float = 1e-4
+    q_momentum: float = 0.9
+    q_weight_decay: float = 1e-4
+    q_nesterov: bool = True
+    q_lr_milestones: list[float] = field(default_factory=list)
+    range_tracking: int = 100  # Q steps that track activation ranges when Q starts unfrozen
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 0
+    checkpoint_every: int = 0
+
+
+@dataclass
+class GameConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sample_loss: SampleLossConfig = field(default_factory=SampleLossConfig)
+    q_loss: QLossConfig = field(default_factory=QLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise DfqError(
+            f"config section {where or 'root'}", data, "a mapping of keys to values", "fix the YAML"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise DfqError(
+                f"unknown config key {where + key!r}{close_matches(key, fields)}", key,
+                f"valid keys: {', '.join(fields)}", "fix the spelling or remove the key",
+            )  # fmt: skip
+        sub = fields[key].default_factory if dataclasses.is_dataclass(fields[key].default_factory) else None
+        kwargs[key] = _build(sub, value, f"{where}{key}.") if sub else _typed(value, fields[key], where)
+    return cls(**kwargs)
+
+
+def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """A light type check: numbers where numbers are expected (YAML reads 1e-3 as a string)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}.get(kind)
+    if ok and (not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool))):
+        raise DfqError(f"config key {where + f.name!r}", value, f"a {kind}", f"give a {kind}")
+    return value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = (
+            _merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "weights"
+            else v
+        )
+    return out
+
+
+def _dotted(overrides: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise DfqError("override", item, "key=value, e.g. train.iterations=200", "add '=value'")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def load_config(preset: str | Path | None = None, overrides: dict | list[str] | None = None) -> GameConfig:
+    """A validated :class:`GameConfig` from a preset name or YAML path, then ``overrides``."""
+    data: dict = {}
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml" if str(preset) in PRESETS else Path(preset)
+        if not path.is_file():
+            raise unknown_name("preset", str(preset), PRESETS, "name a preset or an existing YAML file")
+        data = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        data = _merge(data, _dotted(overrides) if isinstance(overrides, list) else overrides)
+    return _build(GameConfig, data, "")
