@@ -89,6 +89,8 @@ class PTQConfig:
     capacity: "data" (RTN reconstruction error) or "free" (bit- and stride-weighted parameters).
     stride_factor: α of a strided layer in the data-free capacity (1 for stride 1).
     max_chain: the longest chain of units merged into one (pairs may chain).
+    merges: chains of unit names to reconstruct jointly, given by hand (instead of ModCap's choice;
+        e.g. the public MRECG code's fixed merges); each chain must be adjacent, linked units.
     """
 
     act_range: str = "percentile"
@@ -99,6 +101,7 @@ class PTQConfig:
     capacity: str = "data"
     stride_factor: float = 0.5
     max_chain: int = 3
+    merges: tuple[tuple[str, ...], ...] = ()
     recon: ReconConfig = ReconConfig()
 
     def __post_init__(self) -> None:
@@ -113,6 +116,9 @@ class PTQConfig:
         if self.max_chain < 2:
             raise DfqError("max_chain", self.max_chain, "an int >= 2", "e.g. 3")
         _positive("stride_factor", self.stride_factor, float)
+        object.__setattr__(self, "merges", tuple(tuple(c) for c in self.merges))
+        if self.merges and self.modcap_k:
+            raise DfqError("merges and modcap_k", (self.merges, self.modcap_k), "one of them", "drop one")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PTQConfig:

@@ -16,12 +16,13 @@ make a longer chain is passed over for the next one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import nn
 
 from dfq_search.errors import DfqError
-from dfq_search.ptq.units import Unit
+from dfq_search.ptq.units import Unit, unit_names_check
 from dfq_search.quant.layers import QUANT_LAYERS
 
 
@@ -99,3 +100,21 @@ def modcap_chains(
     check_k(units, k)
     diffs = differentials(caps, units)
     return chains(len(units), select_pairs(diffs, k, len(units), max_chain)), diffs
+
+
+def named_chains(units: Sequence[Unit], merges: Sequence[Sequence[str]]) -> list[list[int]]:
+    """The groups for hand-given chains of unit names; each must be consecutive, linked units."""
+    index = {u.name: i for i, u in enumerate(units)}
+    unit_names_check(units, [n for chain in merges for n in chain])
+    pairs = []
+    for chain in merges:
+        idx = [index[n] for n in chain]
+        linked = all(b == a + 1 and units[a].feeds_next for a, b in itertools.pairwise(idx))
+        if not linked:
+            raise DfqError(
+                "a merge is not a chain of adjacent units that feed each other", list(chain),
+                f"consecutive linked units among: {', '.join(u.name for u in units if u.feeds_next)}",
+                "list adjacent units in forward order",
+            )  # fmt: skip
+        pairs += idx[:-1]
+    return chains(len(units), pairs)

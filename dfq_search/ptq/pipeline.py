@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dfq_search.errors import DfqError
 from dfq_search.ptq.calibrate import as_batches, calibrate_ranges_, reestimate_bn_
 from dfq_search.ptq.config import PTQConfig, ReconConfig
-from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains
+from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains, named_chains
 from dfq_search.ptq.reconstruct import ChainRecord, reconstruct_chain_
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
@@ -107,15 +107,15 @@ def run_ptq(
     start = time.perf_counter()
     data = as_batches(batches, device)
     p.eval()
-    q = quantized_copy(p, plan, data[0][:1], quant_config)
-    units = find_units(q, data[0][:1])
+    units = find_units(p, data[0][:1])  # P's units are Q's: layers are swapped in place
     check_k(units, config.modcap_k)
+    groups = named_chains(units, config.merges) if config.merges else [[i] for i in range(len(units))]
+    q = quantized_copy(p, plan, data[0][:1], quant_config)
     if config.bn_reestimate:
         reestimate_bn_(q, data, device)
     calibrate_ranges_(q, data, config.act_range, config.percentile, device, config.recon.seed)
     result = PTQResult(q, units, [[u.name] for u in units])
     if config.reconstruct:
-        groups = [[i] for i in range(len(units))]
         if config.modcap_k > 0:
             caps = (data_capacity(unit_errors(q, p, units, data)) if config.capacity == "data"
                     else data_free_capacity(q, units, config.stride_factor))  # fmt: skip

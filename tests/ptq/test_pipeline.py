@@ -64,3 +64,13 @@ def test_oscillation_figures():
     assert oscillation([1, 2, 3, 4]) == 0 and rise([1, 2, 3, 4]) == 3
     assert oscillation([1, 3, 2, 4]) == pytest.approx(2.0)  # |2|+|1|+|2| - 3
     assert rise([1, 3, 2, 4]) == 4
+
+
+def test_hand_given_merges(tiny, batches, ptq_plan):
+    plan = ptq_plan(tiny, 4, 4)
+    fast = PTQConfig(merges=(("block1", "block2"),), recon=ReconConfig(iters=2))
+    assert run_ptq(tiny.model, plan, batches, fast).groups == [["stem.0"], ["block1", "block2"], ["head.2"]]
+    with pytest.raises(DfqError, match="did you mean 'block1'"):
+        run_ptq(tiny.model, plan, batches, PTQConfig(merges=(("blok1", "block2"),)))
+    with pytest.raises(DfqError, match="adjacent"):
+        run_ptq(tiny.model, plan, batches, PTQConfig(merges=(("block2", "head.2"),)))
