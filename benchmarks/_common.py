@@ -1,0 +1,30 @@
+"""What the benchmarks share: where the reference data lies, and how results are printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DFQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR_WEIGHTS = {
+    "cifar_resnet20": "weights/resnet20-12fca82f.th",
+    "cifar_resnet32": "weights/resnet32-d509ac18.th",
+}
+CIFAR_TEST = "cifar10/test"
+CIFAR_TRAIN_5K = "cifar10/train-5k"  # the real-data reference only: no data-free method reads it
+
+
+def shared(rel: str) -> Path:
+    """A path under the reference data, or exit with a clear message when it is absent."""
+    path = SHARED_DATA / rel
+    if not path.exists():
+        sys.exit(f"reference data not found: {path} (set DFQ_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+def emit(result: dict) -> None:
+    """The last line of every benchmark: one JSON object."""
+    print(json.dumps(result, sort_keys=True))

@@ -1,0 +1,95 @@
+"""The ``dfq-search`` command line: thin wrappers over the library.
+
+Every user mistake raises :class:`DfqError`; ``main`` prints it on one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL = "digits_cnn"
+DEFAULT_BITS = ("W8A8", "W4A4", "W3A3")
+
+
+def _add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="registered name (see 'dfq-search models'), 'tv:<torchvision name>' or "
+                   "'package.module:function' (default: %(default)s, the embedded default)")  # fmt: skip
+    p.add_argument("--weights", type=Path, help="weights file of the model (state dict)")
+    p.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
+    p.add_argument("--data", type=Path,
+                   help="labelled evaluation images, an ImageFolder directory "
+                   "(default for digits_cnn: its held-out digits split)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", type=Path, help="bit plan YAML (rules by layer name, 're:' or _default)")
+    p.add_argument("--bits", help="a uniform plan, e.g. W4A4 (with --protocol)")
+    p.add_argument("--protocol", default="generative", help="generative (all layers at the bits) or "
+                   "ptq (first/last layer at 8 bits, MSE weight ranges) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--calib", default="gaussian",
+                   help="calibration source: 'gaussian' noise (default) or an ImageFolder directory "
+                   "of real images (the real-data reference)")  # fmt: skip
+    p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfq-search",
+        description="Data-free quantization of BatchNorm CNNs, and a search for per-layer bit widths. "
+        "With no command: 'run' on the embedded default model.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="the main job: quantize a model and report accuracy and size")
+    _add_model_args(run)
+    run.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), help="uniform plans to try")
+    run.add_argument("--protocol", default="generative", help="generative or ptq")
+    run.add_argument("--calib", default="gaussian", help="'gaussian' or an ImageFolder directory")
+    run.add_argument("--calib-images", type=int, default=256)
+    run.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="top-1 of a model, full precision or quantized by a plan")
+    _add_model_args(ev)
+    _add_plan_args(ev)
+    ev.add_argument("--checkpoint", type=Path, help="a quantized checkpoint from 'dfq-search quantize'")
+    qz = sub.add_parser("quantize", help="quantize a model by a plan and save the checkpoint")
+    _add_model_args(qz)
+    _add_plan_args(qz)
+    qz.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    qz.add_argument("--no-eval", action="store_true", help="skip the evaluation of the result")
+    ly = sub.add_parser("layers", help="the quantizable layers of a model, with their cost under a plan")
+    _add_model_args(ly)
+    _add_plan_args(ly)
+    ml = sub.add_parser("models", help="list the registered models")
+    ml.add_argument("pattern", nargs="?", help="a glob filter, e.g. 'cifar_*'")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads: idle OpenMP threads that spin slow a small or shared machine many-fold.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from dfq_search.errors import DfqError
+
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["run", *(argv or [])])
+    try:
+        from dfq_search import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args)
+    except DfqError as err:
+        print(f"dfq-search: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfq-search: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dfq_search.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _cache(shared_cache, monkeypatch):
+    monkeypatch.setenv("DFQ_SEARCH_CACHE", str(shared_cache))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "dfq_search.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for cmd in ("run", "eval", "quantize", "layers", "models"):
+        assert cmd in proc.stdout
+
+
+def test_run_reports_fp_and_quantized_accuracy(capsys):
+    code, out, _ = run_cli(capsys, "run", "--bits", "W8A8", "W2A4")
+    assert code == 0
+    fp = float(out.split("full precision top-1 ")[1].split("%")[0])
+    assert fp > 90
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("W8A8", "W2A4"))}
+    assert abs(float(rows["W8A8"][1]) - fp) < 1.5  # 8 bits costs (almost) nothing
+    assert float(rows["W2A4"][1]) < float(rows["W8A8"][1])
+
+
+def test_quantize_writes_a_checkpoint_that_eval_reloads(capsys, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"_default": {"w": 4, "a": 4}, "re:head.*": {"w": 8, "a": 8}}))
+    ckpt = tmp_path / "q.pt"
+    code, out, _ = run_cli(capsys, "quantize", "--plan", str(plan), "--out", str(ckpt))
+    assert code == 0 and ckpt.is_file(), out
+    top1 = float(out.splitlines()[2].split()[5])
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(ckpt))
+    assert code == 0
+    assert abs(float(out.splitlines()[2].split()[2]) - top1) < 1e-6  # same model, same score
+
+
+def test_layers_lists_every_layer_with_bits(capsys):
+    code, out, _ = run_cli(capsys, "layers", "--bits", "W4A4", "--protocol", "ptq")
+    assert code == 0
+    lines = out.splitlines()[2:]
+    assert lines[0].split()[4:6] == ["8", "32"]  # the first layer reads the float image
+    assert lines[-1].split()[4:6] == ["8", "8"]  # the last layer pinned to 8 bits by the protocol
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    not_folder = tmp_path / "flat"
+    not_folder.mkdir()
+    (not_folder / "a.txt").write_text("x")
+    bad_plan = tmp_path / "bad.yaml"
+    bad_plan.write_text(yaml.safe_dump({"_default": {"w": 4, "a": 4}, "conv9": {"w": 4, "a": 4}}))
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": print}, evil)  # a pickle of a callable: refused by weights_only
+    return {
+        "unknown model": (["eval", "--model", "resnet_20"], "unknown model"),
+        "missing weights": (["eval", "--model", "cifar_resnet20", "--weights", str(tmp_path / "no.th")],
+                            "not found"),
+        "evil weights": (["eval", "--model", "cifar_resnet20", "--weights", str(evil), "--data",
+                          str(not_folder)], "weights"),
+        "unknown layer": (["eval", "--plan", str(bad_plan)], "lacks"),
+        "bits outside the set": (["eval", "--bits", "W7A4"], "not allowed"),
+        "bad bits form": (["run", "--bits", "4bit"], "WxAy"),
+        "not an image folder": (["eval", "--data", str(not_folder)], "ImageFolder"),
+        "missing data": (["eval", "--data", str(tmp_path / "nowhere")], "nowhere"),
+        "cuda without gpu": (["eval", "--device", "cuda"], "GPU"),
+        "bad device": (["eval", "--device", "tpu"], "device"),
+        "unknown protocol": (["eval", "--bits", "W4A4", "--protocol", "gdfq"], "protocol"),
+        "missing checkpoint": (["eval", "--checkpoint", str(tmp_path / "none.pt")], "not found"),
+        "plan and bits": (["eval", "--plan", str(bad_plan), "--bits", "W4A4"], "both"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_exit_2(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the cuda case needs a machine without a GPU")
+    for case, (argv, needle) in _bad_inputs(tmp_path).items():
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, case
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dfq-search: error:"), (case, err)
+        assert needle in lines[0] and "Fix:" in lines[0], (case, lines[0])
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfq_search.cli", "eval", "--model", "nope"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown model" in proc.stderr
