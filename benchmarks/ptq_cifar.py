@@ -55,21 +55,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--act-range", default=PTQConfig.act_range, choices=["minmax", "percentile", "mse"])
     p.add_argument("--bn-reestimate", action="store_true")
     p.add_argument("--capacity", default=PTQConfig.capacity, choices=["data", "free"])
-    p.add_argument("--synth-iters", type=int, default=200)
-    p.add_argument("--synth-batch", type=int, default=256)
+    p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
+    p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
     p.add_argument("--device", default="cpu")
     return p.parse_args()
 
 
 def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, float]:
-    from dfq_search.synth.direct import DirectConfig, synthesize_images
+    from dfq_search.synth.direct import synthesize_images
 
     pre = bundle.preprocess
-    cfg = DirectConfig(mean=pre.mean, std=pre.std)
     t0 = time.perf_counter()
     images, _ = synthesize_images(
         bundle.model, pre.shape, bundle.num_classes, n, batch_size=args.synth_batch,
-        iterations=args.synth_iters, seed=seed, device=device, config=cfg,
+        iterations=args.synth_iters, seed=seed, device=device, preprocess=pre,
     )  # fmt: skip
     return images, time.perf_counter() - t0
 

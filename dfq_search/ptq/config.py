@@ -43,7 +43,7 @@ class ReconConfig:
     seed: draws of the mini-batches and of the QDrop masks.
     """
 
-    iters: int = 300
+    iters: int = 100
     batch_size: int = 32
     lam: float = 0.01
     b_start: float = 20.0
