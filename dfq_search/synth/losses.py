@@ -5,6 +5,7 @@ its hooks recorded during the ONE forward of P that all terms share, and Q's log
 needs them. ``L_G = Σ_k w_k · term_k(batch)``.
 
 - ``bns``:   L_BNS over batch statistics (σ² or, with ``use_std``, σ).
+- ``bns_sample``: the same with each sample's own statistics (ZeroQ), averaged over samples.
 - ``sda``:   DSG slack alignment Σ_l mean ‖max(|μ̃−μ|−δ_l, 0)‖² + mean ‖max(|σ̃−σ|−γ_l, 0)‖², averaged
              over layers; δ_l, γ_l from :func:`slack_from_noise`.
 - ``lse``:   SDA on per-sample statistics, weighted by (I + 11ᵀ): sample j's term on layer j mod L counts
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfq_search.synth.bn import BNStats, bn_loss, bn_statistics
+from dfq_search.synth.bn import BNStats, bn_loss, bn_statistics, sample_bn_loss
 
 
 @dataclass
@@ -139,6 +140,7 @@ def margin_loss(b: SampleBatch, p: TermParams) -> Tensor:
 
 TERMS: dict[str, Callable[[SampleBatch, TermParams], Tensor]] = {
     "bns": lambda b, p: bn_loss(b.stats, p.use_std),
+    "bns_sample": lambda b, p: sample_bn_loss(b.stats, p.use_std).mean(),
     "sda": sda_loss,
     "lse": lse_loss,
     "sci": sci_loss,
@@ -149,7 +151,7 @@ TERMS: dict[str, Callable[[SampleBatch, TermParams], Tensor]] = {
     "agree": lambda b, p: F.cross_entropy(b.z_p + b.z_q, b.y),
 }
 NEEDS_Q = frozenset({"margin", "disagree", "agree"})
-NEEDS_SAMPLE_STATS = frozenset({"lse"})
+NEEDS_SAMPLE_STATS = frozenset({"lse", "bns_sample"})
 NEEDS_FEATURE = frozenset({"ama"})
 
 

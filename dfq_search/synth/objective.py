@@ -27,7 +27,7 @@ from dfq_search.synth.losses import (
     slack_from_noise,
 )
 
-BN_TERMS = frozenset({"bns", "sda", "lse"})
+BN_TERMS = frozenset({"bns", "bns_sample", "sda", "lse"})
 
 
 def check_weights(weights: Mapping[str, float], valid: Mapping, kind: str) -> dict[str, float]:

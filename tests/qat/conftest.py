@@ -8,11 +8,6 @@ import torch
 from dfq_search.models import create_model
 
 
-def shifted_noise(n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """The distribution that set P's BN statistics: P's stand-in for real data."""
-    return 0.6 * torch.randn(n, *shape, generator=gen) + 0.3
-
-
 @pytest.fixture(scope="module")
 def tiny_p():
     bundle = create_model("tiny_cnn")
@@ -25,7 +20,7 @@ def tiny_p():
     model.train()
     with torch.no_grad():
         for _ in range(4):
-            model(shifted_noise(32, shape, gen))
+            model(0.6 * torch.randn(32, *shape, generator=gen) + 0.3)  # P's "real data"
         model.head[-1].weight.mul_(20.0)  # confident logits, as a trained P has: quantization shows
     return model.eval(), shape
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shifted_noise
 
 from dfq_search.errors import DfqError
 from dfq_search.qat import Game, MemoryReporter, load_config, start_q
 from dfq_search.quant import BitPlan
 from dfq_search.quant.quantize import act_quantizers
+
+
+def shifted_noise(n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """The distribution that set P's BN statistics (see conftest): P's stand-in for real data."""
+    return 0.6 * torch.randn(n, *shape, generator=gen) + 0.3
 
 
 def _game(p, shape, preset="adadfq", start="rtn", bits=4, reporter=None, **train) -> Game:

@@ -117,3 +117,15 @@ def test_bn_terms_need_bn() -> None:
     with pytest.raises(DfqError, match="BatchNorm"):
         SampleObjective(flat, {"bns": 1.0})
     assert SampleObjective(flat, {"ce": 1.0})(torch.randn(2, 3, 2, 2), torch.tensor([0, 1]))[0] > 0
+
+
+def test_per_sample_bn_term_matches_its_definition(tiny) -> None:
+    model, prep = tiny
+    x = torch.randn(6, *prep.shape)
+    loss = SampleObjective(model, {"bns_sample": 1.0})(x, torch.zeros(6, dtype=torch.long))[0]
+    expected = []
+    for i in range(6):  # each sample alone: its batch statistics are its per-sample statistics
+        expected.append(
+            SampleObjective(model, {"bns": 1.0})(x[i : i + 1], torch.zeros(1, dtype=torch.long))[0]
+        )
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
