@@ -12,6 +12,7 @@ from dfq_search.ptq.modcap import (
 )
 from dfq_search.ptq.pipeline import PTQResult, oscillation, reconstruct_, rise, run_ptq
 from dfq_search.ptq.reconstruct import reconstruct_chain_
+from dfq_search.ptq.sensitivity import allocate_bits, sensitivity_plan, zeroq_sensitivity
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PTQResult",
     "ReconConfig",
     "Unit",
+    "allocate_bits",
     "attach_adaround_",
     "beta_at",
     "calibrate_ranges_",
@@ -37,5 +39,7 @@ __all__ = [
     "rise",
     "run_ptq",
     "select_pairs",
+    "sensitivity_plan",
     "unit_errors",
+    "zeroq_sensitivity",
 ]
