@@ -45,6 +45,7 @@ METHODS = {  # row -> (preset, extra overrides)
     "adadfq-lrq": ("adadfq", {"source": {"name": "lrq"}}),
 }
 ALL = ["rtn", *METHODS, "real"]
+configs: dict[str, dict] = {}
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,6 +60,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--q-lr", type=float, default=None, help="Q's learning rate (default: the preset's)")
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every method, key=value")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on N strided test images")
+    p.add_argument(
+        "--start",
+        default="rtn",
+        choices=["rtn", "track"],
+        help="Q's start: RTN on Gaussian noise, or ranges tracked on the game's first samples",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     p.add_argument("--device", default="cpu")
     return p.parse_args()
@@ -94,6 +101,7 @@ def run_game(bundle, q, method: str, args, seed: int, device) -> dict:
     t0 = time.perf_counter()
     game.run()
     seconds = time.perf_counter() - t0
+    configs[method] = cfg.to_dict()  # the fully resolved config goes into the JSON line
     return {"seconds": seconds, "samples_per_s": args.iterations * args.batch / seconds,
             "g_step_s": statistics.fmean(game.g_step.seconds),
             "q_step_s": statistics.fmean(game.q_step.seconds or [float("nan")])}  # fmt: skip
@@ -141,8 +149,9 @@ def main() -> None:
         for method in args.methods:
             per_seed = []
             for seed in args.seeds:
+                start = args.start if method in METHODS else "rtn"  # rtn and real need set ranges
                 q = start_q(bundle.model, BitPlan.uniform(bits, bits), bundle.preprocess.shape,
-                            protocol.config, "rtn", seed=seed, device=device)  # fmt: skip
+                            protocol.config, start, seed=seed, device=device)  # fmt: skip
                 info = {"seconds": 0.0, "samples_per_s": None, "g_step_s": None, "q_step_s": None}
                 if method == "real":
                     info = run_real(bundle, q, args, seed, device)
@@ -161,7 +170,8 @@ def main() -> None:
     print(format_table(rows, cols), flush=True)
     emit({"benchmark": "qat_cifar", "model": args.model, "fp_top1": fp, "iterations": args.iterations,
           "warmup": args.warmup, "batch": args.batch, "seeds": args.seeds, "q_lr": args.q_lr,
-          "threads": torch.get_num_threads(), "test_images": len(test), "results": results})  # fmt: skip
+          "threads": torch.get_num_threads(), "test_images": len(test), "start": args.start,
+          "configs": configs, "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":

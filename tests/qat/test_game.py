@@ -122,3 +122,14 @@ def test_bn_loss_needs_bn() -> None:
     q = start_q(flat, BitPlan.uniform(4, 4), (3, 16, 16), calib_images=8)
     with pytest.raises(DfqError, match="BatchNorm"):
         Game(flat, q, load_config("gdfq", ["train.iterations=5", "train.warmup=0"]), (3, 16, 16), 10)
+
+
+def test_pixel_bank_and_lrq_generator_in_adadfq(tiny_p) -> None:
+    p, shape = tiny_p
+    for source in (["source.name=pixels", "source.pixels=16", "source.lr=0.1"], ["source.name=lrq"]):
+        q = start_q(p, BitPlan.uniform(4, 4), shape, calib_images=16)
+        cfg = load_config("adadfq", ["train.iterations=3", "train.warmup=1", "train.batch_size=5", *source])
+        game = Game(p, q, cfg, shape, 10)
+        before = _snapshot(game.source)
+        game.run()
+        assert game.step == 3 and not _same(before, _snapshot(game.source))
