@@ -53,8 +53,11 @@ class ImageData:
             yield preprocess.normalize(x), y
 
     def subset(self, n: int) -> ImageData:
-        """The first ``n`` images (a view, nothing copied)."""
-        return ImageData(self.images[:n], self.labels[:n], self.classes)
+        """``n`` evenly spaced images: a class-sorted folder keeps every class in proportion."""
+        if not 1 <= n <= len(self):
+            raise DfqError("subset size", n, f"1 .. {len(self)}", "ask for fewer images")
+        idx = torch.linspace(0, len(self) - 1, n).round().long()
+        return ImageData(self.images[idx], self.labels[idx], self.classes)
 
 
 def gaussian_batches(

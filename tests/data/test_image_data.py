@@ -61,3 +61,10 @@ def test_gaussian_batches_are_seeded():
     assert len(a) == 2 and a[0].shape == (3, 3, 8, 8)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and not torch.equal(a[0], c)
     assert not torch.equal(a[0], a[1])
+
+
+def test_subset_is_spread_over_class_sorted_data():
+    images = torch.zeros(100, 1, 2, 2, dtype=torch.uint8)
+    labels = torch.arange(10).repeat_interleave(10)
+    sub = ImageData(images, labels, [str(i) for i in range(10)]).subset(20)
+    assert len(sub) == 20 and torch.equal(sub.labels.bincount(), torch.full((10,), 2))
