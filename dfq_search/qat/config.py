@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from dfq_search.errors import DfqError, close_matches, unknown_name
+from dfq_search.qat.losses import QLossParams
+from dfq_search.synth.losses import TermKnobs
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("adadfq", "adasg", "dsg", "gdfq", "lrq")
@@ -38,27 +40,17 @@ class SourceConfig:
 
 
 @dataclass
-class SampleLossConfig:
+class SampleLossConfig(TermKnobs):
     """Weights of the generator's terms (see dfq_search.synth.losses) and their knobs."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "bns": 0.1})
-    use_std: bool = False
-    slack_eps: float = 0.9
-    lambda_l: float = 0.1
-    lambda_u: float = 0.8
-    ama_margin: float = 0.2
-    ama_scale: float = 10.0
 
 
 @dataclass
-class QLossConfig:
+class QLossConfig(QLossParams):
     """Weights of Q's terms (see dfq_search.qat.losses) and their temperatures."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"kd": 1.0, "ce": 1.0})
-    temperature: float = 20.0
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_temperature: float = 4.0
 
 
 @dataclass

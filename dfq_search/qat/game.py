@@ -15,6 +15,7 @@ optimisers, Q's schedule, the sampling RNG and the step, so a run resumes exactl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from torch import nn
 
 from dfq_search.errors import DfqError
 from dfq_search.qat.config import GameConfig
-from dfq_search.qat.losses import Q_TERMS, QLossParams, q_objective
+from dfq_search.qat.losses import Q_TERMS, q_objective
 from dfq_search.qat.reporter import NullReporter, Reporter
 from dfq_search.quant.quantize import act_quantizers, freeze_, set_observing_
 from dfq_search.synth.generators import build_source
-from dfq_search.synth.losses import TermParams, normalized_disagreement
+from dfq_search.synth.losses import TermKnobs, TermParams, normalized_disagreement
 from dfq_search.synth.objective import check_weights
 
 FORMAT = "dfq_search.game/1"
@@ -69,10 +70,10 @@ class Game:
                            f"P has {_num_outputs(self.p, input_shape, self.device)} outputs",
                            "pass P's class count")  # fmt: skip
         sl, ql = config.sample_loss, config.q_loss
-        params = TermParams(sl.use_std, sl.slack_eps, sl.lambda_l, sl.lambda_u, sl.ama_margin, sl.ama_scale)
+        params = TermParams(**{f.name: getattr(sl, f.name) for f in dataclasses.fields(TermKnobs)})
         self.objective = SampleObjective(self.p, sl.weights, params, input_shape, self.device)
         self.q_weights = check_weights(ql.weights, Q_TERMS, "Q loss")
-        self.q_params = QLossParams(ql.temperature, ql.dkd_alpha, ql.dkd_beta, ql.dkd_temperature)
+        self.q_params = ql  # a QLossConfig is the QLossParams plus the weights
         self.source = self._build_source(num_classes, input_shape).to(self.device)
         self.opt_g = torch.optim.Adam(self.source.parameters(), lr=config.source.lr,
                                       betas=tuple(config.source.betas))  # fmt: skip

@@ -48,7 +48,7 @@ class SampleBatch:
 
 
 @dataclass
-class TermParams:
+class TermKnobs:
     """Knobs of the terms (weights live apart): see the module docstring for each symbol."""
 
     use_std: bool = False
@@ -57,6 +57,12 @@ class TermParams:
     lambda_u: float = 0.8
     ama_margin: float = 0.2
     ama_scale: float = 10.0
+
+
+@dataclass
+class TermParams(TermKnobs):
+    """The knobs plus what is computed from P at run time (DSG's per-layer slack)."""
+
     slack: dict[str, Tensor] = field(default_factory=dict)  # "delta", "gamma": [L] per-layer slack
 
 
