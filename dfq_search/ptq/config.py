@@ -31,7 +31,8 @@ def _positive(name: str, value: Any, kind: type = int) -> None:
 class ReconConfig:
     """Block reconstruction (AdaRound + BRECQ + QDrop), ALGORITHMS.md §7.
 
-    iters: optimiser steps per unit (the papers' 20k is for GPUs; see README for the CPU trade-off).
+    iters: optimiser steps per unit (the papers' 20k is for GPUs). ResNet-20 W4A4 on 1,024 real
+        images, 2 CPU cores: 100 steps 79.65 (15 s), 300 steps 80.41 (29 s), 1000 steps 80.29.
     batch_size: images per step, drawn at random from the stored calibration activations.
     lam: weight λ of the rounding regulariser ``Σ 1 − |2h(V) − 1|^b``.
     b_start, b_end, warmup: b anneals from b_start to b_end after the first ``warmup`` fraction
@@ -43,7 +44,7 @@ class ReconConfig:
     seed: draws of the mini-batches and of the QDrop masks.
     """
 
-    iters: int = 100
+    iters: int = 300
     batch_size: int = 32
     lam: float = 0.01
     b_start: float = 20.0
