@@ -57,9 +57,7 @@ class AdaRoundWeightQuantizer(WeightQuantizer):
         super().__init__(base.bits, weight.shape[0], base.method, base.p)
         self._base = (base,)  # a tuple, so the original is not registered as a submodule
         lo, hi = base.channel_range(weight)
-        self.lo.copy_(lo)
-        self.hi.copy_(hi)
-        self.searched.fill_(True)
+        self.set_range(lo, hi)
         shape = (-1,) + (1,) * (weight.dim() - 1)
         scale, zp = qparams(lo, hi, self.bits)
         w = weight.detach() / scale.view(shape)
@@ -111,8 +109,5 @@ def finalize_adaround_(layer: nn.Module) -> None:
     ada.soft = False
     layer.weight.copy_(ada(layer.weight))
     base = ada.base
-    base.lo.copy_(ada.lo)
-    base.hi.copy_(ada.hi)
-    base.searched.fill_(True)
-    base._cache = None
+    base.set_range(ada.lo, ada.hi)
     layer.weight_quant = base

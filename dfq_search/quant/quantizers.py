@@ -91,16 +91,21 @@ class WeightQuantizer(nn.Module):
         self.searched.fill_(False)
         self._cache = None
 
+    @torch.no_grad()
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Fix the per-channel range (as a search would); the cached weight is recomputed."""
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
+        self.searched.fill_(True)
+        self._cache = None
+
     def channel_range(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The (lo, hi) range of every output channel of ``w``, each of shape [out_channels]."""
         w2d = w.detach().flatten(1)
         if self.method == "minmax":
             return w2d.amin(1), w2d.amax(1)
         if not self.searched:
-            lo, hi = mse_range(w2d, self.bits, self.p)
-            self.lo.copy_(lo)
-            self.hi.copy_(hi)
-            self.searched.fill_(True)
+            self.set_range(*mse_range(w2d, self.bits, self.p))
         return self.lo, self.hi
 
     def quantize(self, w: Tensor) -> Tensor:
