@@ -2,7 +2,8 @@
 
 Protocol: PTQ (ALGORITHMS.md §0): first and last layer at 8 bits, MSE weight ranges, activation
 ranges calibrated (``--act-range``) then learned; BN not folded. Synthetic images: direct image
-optimisation of P (``dfq_search.synth.direct``), made once per (model, seed) and shared by the rows.
+optimisation of P (``dfq_search.synth.direct``), made once per (model, seed), shared by the rows and
+cached on disk (``$DFQ_SEARCH_CACHE/synth``), so the table can be built over several runs.
 Rows (each on ``--n-images`` images):
 
     rtn       calibrated ranges, round-to-nearest weights (no reconstruction)
@@ -24,6 +25,8 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import time
 
@@ -31,6 +34,7 @@ import torch
 from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, emit, shared
 
 from dfq_search.baselines import CalibSpec, calibration_batches
+from dfq_search.cache import atomic_write, cache_dir
 from dfq_search.data.folder import load_image_folder
 from dfq_search.evaluate import Evaluator
 from dfq_search.models import create_model
@@ -62,15 +66,35 @@ def parse_args() -> argparse.Namespace:
 
 
 def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, float]:
+    """Synthetic images of P, cached on disk so that a table built over several runs shares them.
+
+    Returns the images and the seconds their synthesis took (when they were made).
+    """
     from dfq_search.synth.direct import synthesize_images
 
+    key = json.dumps([bundle.name, _fingerprint(bundle.model), n, seed, args.synth_iters, args.synth_batch])
+    path = cache_dir() / "synth" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        print(f"synthetic images from the cache {path} (made in {saved['seconds']:.1f} s)", flush=True)
+        return saved["images"], float(saved["seconds"])
     pre = bundle.preprocess
     t0 = time.perf_counter()
     images, _ = synthesize_images(
         bundle.model, pre.shape, bundle.num_classes, n, batch_size=args.synth_batch,
         iterations=args.synth_iters, seed=seed, device=device, preprocess=pre,
     )  # fmt: skip
-    return images, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
+    return images, seconds
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def row_config(row: str, args) -> PTQConfig:
