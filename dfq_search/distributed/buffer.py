@@ -1,0 +1,202 @@
+"""The shared sample buffer: named Ray actors (one per shard) that own the samples they serve.
+
+``SampleBuffer.start(name, capacity, ...)`` creates ``shards`` actors named ``<name>/<i>`` in the
+namespace (default ``dfq_search``), each a :class:`dfq_search.bank.SampleStore` of ``capacity //
+shards`` samples (FIFO eviction). Trials reach it with ``SampleBuffer.connect(name)``. A batch is put
+into the object store *by the shard actor* (``ray.put`` inside it, so the actor owns it and no
+trial config carries data) and fetched by the caller; ``sample(n)`` splits ``n`` over the shards in
+proportion to what each holds, so the draw is uniform over everything held. Shard 0 also keeps the
+latest published state of each generator (its ``ray.put``, again owned by the buffer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from dfq_search.bank import BankHeader, Batch, SampleBank, Samples, SampleStore
+from dfq_search.distributed.session import NAMESPACE
+from dfq_search.errors import DfqError
+
+
+@ray.remote(num_cpus=0)
+class BufferShard:
+    """One shard of the buffer (see the module docstring)."""
+
+    def __init__(
+        self, capacity: int, image_shape, num_classes: int, index: int, shards: int, seed: int
+    ) -> None:
+        torch.set_num_threads(1)
+        self.store = SampleStore(capacity, tuple(image_shape), num_classes)
+        self.index, self.shards = index, shards
+        self.gen = torch.Generator().manual_seed(seed * 1009 + index)
+        self.refresh = False
+        self.generators: dict[str, tuple[list, dict]] = {}
+
+    def num_shards(self) -> int:
+        return self.shards
+
+    def add(self, samples: Samples, config_hash: str = "") -> dict:
+        self.store.add(samples, config_hash)
+        return {"filled": self.store.filled, "wants_more": self.wants_more()}
+
+    def wants_more(self) -> bool:
+        """True while not full, or always when refreshing (new samples then evict the oldest)."""
+        return self.refresh or self.store.filled < self.store.capacity
+
+    def set_refresh(self, flag: bool) -> None:
+        self.refresh = bool(flag)
+
+    def sample(self, n: int) -> tuple[list, int]:
+        """([ref to a dict of numpy arrays], rows held): the ref is this actor's own ``ray.put``."""
+        b = self.store.sample(n, self.gen)
+        arrays = {"x": b.x.numpy(), "y": b.y.numpy(), "step": b.step.numpy(),
+                  "generator": np.array(b.generator),
+                  "logits": None if b.logits is None else b.logits.numpy()}  # fmt: skip
+        return [ray.put(arrays)], self.store.filled
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def publish(self, name: str, step: int, state: dict, meta: dict) -> int:
+        """Keep ``state`` as the latest version of generator ``name`` (an older step is ignored)."""
+        old = self.generators.get(name)
+        if old is None or old[1]["step"] <= step:
+            self.generators[name] = ([ray.put(state)], {**meta, "name": name, "step": step})
+        return self.generators[name][1]["step"]
+
+    def latest_generator(self, name: str) -> tuple[list, dict] | None:
+        return self.generators.get(name)
+
+    def published(self) -> dict[str, dict]:
+        return {k: meta for k, (_, meta) in self.generators.items()}
+
+    def spill(self, uri: str, header: dict) -> int:
+        """Write the held samples not yet in a bank to the bank at ``uri`` (one shard per generator)."""
+        bank = SampleBank.create(uri, BankHeader(**header))
+        parts = self.store.take_unspilled()
+        for _, config_hash, samples in parts:
+            bank.write_shard(samples, config_hash)
+        return sum(len(s) for *_, s in parts)
+
+    def load_bank(self, uri: str, fingerprint: str, max_samples: int | None) -> int:
+        """Fill this shard from its share of a bank's shards (every ``shards``-th), no generation."""
+        bank = SampleBank.open(uri, fingerprint)
+        loaded = 0
+        for i, entry in enumerate(bank.entries()):
+            if i % self.shards != self.index or (max_samples is not None and loaded >= max_samples):
+                continue
+            try:
+                samples = bank.read(entry)
+            except DfqError:
+                continue  # a damaged shard is skipped, never served
+            self.store.add(samples, entry.config_hash, spilled=True)
+            loaded += len(samples)
+        return loaded
+
+
+class SampleBuffer:
+    """The client of a buffer's shards: what generator workers, trials and the driver hold."""
+
+    def __init__(self, name: str, shards: list, namespace: str = NAMESPACE) -> None:
+        self.name, self.shards, self.namespace = name, shards, namespace
+        self.fills = [0] * len(shards)
+        self._next = 0
+        self.gen = np.random.default_rng()
+
+    @classmethod
+    def start(
+        cls, name: str, capacity: int, image_shape, num_classes: int, shards: int = 1, seed: int = 0,
+        namespace: str = NAMESPACE,
+    ) -> SampleBuffer:  # fmt: skip
+        """Create (or join, when they exist) the named shard actors of a buffer of ``capacity``."""
+        per = -(-capacity // shards)
+        actors = [
+            BufferShard.options(name=f"{name}/{i}", namespace=namespace, get_if_exists=True)
+            .remote(per, tuple(image_shape), num_classes, i, shards, seed)
+            for i in range(shards)
+        ]  # fmt: skip
+        return cls(name, actors, namespace)
+
+    @classmethod
+    def connect(cls, name: str, namespace: str = NAMESPACE) -> SampleBuffer:
+        """The buffer started under ``name`` in ``namespace`` (by this or another process)."""
+        try:
+            first = ray.get_actor(f"{name}/0", namespace=namespace)
+        except ValueError as err:
+            raise DfqError("no sample buffer of that name", name, f"a buffer in namespace {namespace!r}",
+                           "start it (SampleBuffer.start) or fix the name") from err  # fmt: skip
+        n = ray.get(first.num_shards.remote())
+        return cls(name, [first] + [ray.get_actor(f"{name}/{i}", namespace=namespace) for i in range(1, n)],
+                   namespace)  # fmt: skip
+
+    def add(self, samples: Samples, config_hash: str = ""):
+        """Send ``samples`` to the next shard (round robin); returns the call's ObjectRef."""
+        shard = self.shards[self._next % len(self.shards)]
+        self._next += 1
+        return shard.add.remote(samples, config_hash)
+
+    def wants_more(self) -> bool:
+        return any(ray.get([s.wants_more.remote() for s in self.shards]))
+
+    def set_refresh(self, flag: bool) -> None:
+        ray.get([s.set_refresh.remote(flag) for s in self.shards])
+
+    def sample(self, n: int) -> Batch:
+        """``n`` samples drawn uniformly over all held ones; x as float16 [n, C, H, W]."""
+        if not any(self.fills):
+            self.fills = [st["filled"] for st in ray.get([s.stats.remote() for s in self.shards])]
+        weights = np.asarray(self.fills, dtype=float)
+        counts = (
+            self.gen.multinomial(n, weights / weights.sum())
+            if weights.sum()
+            else [n] + [0] * (len(weights) - 1)
+        )
+        calls = [(i, self.shards[i].sample.remote(int(c))) for i, c in enumerate(counts) if c]
+        parts = []
+        for i, call in calls:
+            refs, self.fills[i] = ray.get(call)
+            parts.append(ray.get(refs[0]))
+        return _batch(parts)
+
+    def stats(self) -> dict:
+        """Summed counts and rates over the shards, with the per-shard statistics."""
+        per = ray.get([s.stats.remote() for s in self.shards])
+        keys = ("filled", "capacity", "added", "evicted", "served", "batches_served", "unspilled",
+                "serve_rate", "add_rate")  # fmt: skip
+        return {**{k: sum(p[k] for p in per) for k in keys}, "shards": per}
+
+    def publish(self, name: str, step: int, state: dict, meta: dict | None = None):
+        return self.shards[0].publish.remote(name, step, state, meta or {})
+
+    def latest_generator(self, name: str) -> tuple[dict, dict] | None:
+        """(state, meta) of the latest published version of generator ``name``, or None."""
+        got = ray.get(self.shards[0].latest_generator.remote(name))
+        return None if got is None else (ray.get(got[0][0]), got[1])
+
+    def spill(self, uri: str, header: BankHeader) -> int:
+        from dataclasses import asdict
+
+        return sum(ray.get([s.spill.remote(uri, asdict(header)) for s in self.shards]))
+
+    def load_bank(self, uri: str, fingerprint: str, max_samples: int | None = None) -> int:
+        """Fill the buffer from a bank (refused when made for another model); returns samples loaded."""
+        SampleBank.open(uri, fingerprint)  # refuse a mismatch here, with the user's message
+        per = None if max_samples is None else -(-max_samples // len(self.shards))
+        loaded = sum(ray.get([s.load_bank.remote(uri, fingerprint, per) for s in self.shards]))
+        self.fills = [0] * len(self.shards)
+        return loaded
+
+    def kill(self) -> None:
+        for s in self.shards:
+            ray.kill(s)
+
+
+def _batch(parts: list[dict]) -> Batch:
+    logits = None if any(p["logits"] is None for p in parts) else torch.from_numpy(
+        np.concatenate([p["logits"] for p in parts]))  # fmt: skip
+    return Batch(torch.from_numpy(np.concatenate([p["x"] for p in parts])),
+                 torch.from_numpy(np.concatenate([p["y"] for p in parts])),
+                 torch.from_numpy(np.concatenate([p["step"] for p in parts])),
+                 [str(g) for p in parts for g in p["generator"]], logits)  # fmt: skip
