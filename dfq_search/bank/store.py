@@ -60,19 +60,18 @@ class SampleStore:
 
     def add(self, samples: Samples, config_hash: str = "", spilled: bool = False) -> int:
         """Store ``samples`` (oldest evicted first when full); returns how many were evicted."""
-        n = len(samples)
+        n = dropped = len(samples)
         if tuple(samples.x.shape[1:]) != self.image_shape:
             raise DfqError("sample shape", tuple(samples.x.shape[1:]), f"{self.image_shape}",
                            "add samples of the buffer's model")  # fmt: skip
         if n > self.capacity:  # only the newest capacity rows can survive
-            samples = Samples(samples.x[-self.capacity :], samples.y[-self.capacity :],
-                              samples.step[-self.capacity :],
-                              None if samples.logits is None else samples.logits[-self.capacity :],
-                              samples.generator)  # fmt: skip
-            self.evicted += n - self.capacity
+            keep = slice(n - self.capacity, n)
+            logits = None if samples.logits is None else samples.logits[keep]
+            samples = Samples(samples.x[keep], samples.y[keep], samples.step[keep], logits, samples.generator)
             n = self.capacity
+        dropped -= n
         idx = (self.next + torch.arange(n)) % self.capacity
-        evicted = max(0, self.filled + n - self.capacity)
+        evicted = max(0, self.filled + n - self.capacity) + dropped
         self.x[idx] = samples.x.detach().to("cpu", torch.float16)
         self.y[idx], self.step[idx] = samples.y.cpu(), samples.step.cpu()
         self.source[idx] = self._source_id(samples.generator, config_hash)
@@ -83,7 +82,7 @@ class SampleStore:
         self.unspilled[idx] = not spilled
         self.next = (self.next + n) % self.capacity
         self.filled = min(self.capacity, self.filled + n)
-        self.added += n
+        self.added += n + dropped
         self.evicted += evicted
         return evicted
 
