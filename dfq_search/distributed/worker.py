@@ -110,7 +110,9 @@ class WorkerPool:
             from dfq_search.errors import DfqError
 
             raise DfqError("duplicate worker names", names, "one name per worker", "give each a name")
-        p_ref = ray.put(copy.deepcopy(p).cpu().eval())  # P travels once, through the object store
+        # P travels once, through the object store. The pool keeps the ref alive: a restarted worker
+        # reads its constructor arguments again, and they vanish with the last reference (ray#53727).
+        self.p_ref = p_ref = ray.put(copy.deepcopy(p).cpu().eval())
         opts = {"num_cpus": cpus_per_worker, "num_gpus": gpu_fraction(gpus_per_worker),
                 "namespace": buffer.namespace, "max_restarts": max_restarts,
                 "max_task_retries": max_restarts}  # fmt: skip
@@ -124,6 +126,12 @@ class WorkerPool:
     def run(self) -> None:
         """Start every worker's ``run`` (non-blocking); :meth:`wait` collects the results."""
         self.runs = {name: w.run.remote() for name, w in self.workers.items()}
+
+    def done(self, timeout: float = 0.0) -> bool:
+        """True when every run has returned, waiting up to ``timeout`` seconds for that."""
+        runs = list(self.runs.values())
+        finished, _ = ray.wait(runs, num_returns=len(runs), timeout=timeout)
+        return len(finished) == len(runs)
 
     def wait(self, timeout: float | None = None) -> dict[str, dict]:
         return dict(zip(self.runs, ray.get(list(self.runs.values()), timeout=timeout), strict=True))

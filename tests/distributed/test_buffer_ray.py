@@ -114,3 +114,24 @@ def test_worker_pauses_when_buffer_full_and_on_request(ray_session, tiny):
     pool.stop()
     assert pool.wait(timeout=60)["p"]["step"] < 10_000
     pool.shutdown()
+
+
+def test_cli_generate_on_ray_workers_resumes_from_the_bank(ray_session, tmp_path):
+    import argparse
+
+    from dfq_search import commands_bank
+    from dfq_search.cli import _add_model_args
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        commands_bank.add_parsers(parser.add_subparsers(dest="command"), _add_model_args)
+        return parser.parse_args(argv)
+
+    path = str(tmp_path / "bank")
+    base = ["generate", "--model", "tiny_cnn", "--bank", path, "--batch-size-gen", "8", "--keep-after", "0",
+            "--seeds", "0", "1", "--workers", "2", "--progress-every", "1"]  # fmt: skip
+    assert commands_bank.cmd_generate(parse([*base, "--samples", "16"])) == 0
+    assert commands_bank.cmd_generate(parse([*base, "--samples", "32"])) == 0
+    info = SampleBank.open(path).info()
+    assert info["samples_per_generator"] == {"gdfq-s0": 32, "gdfq-s1": 32}
+    assert info["latest_generator_steps"] == {"gdfq-s0": 4, "gdfq-s1": 4}

@@ -1,0 +1,145 @@
+"""``dfq-search generate`` (build or extend a sample bank) and ``dfq-search bank info`` (describe one).
+
+``generate`` trains one generator per ``--seeds`` entry against the model alone and writes its samples
+into the bank until each generator has contributed ``--samples`` (resumable: a rerun continues each
+generator from its last published state). ``--workers 0`` runs in this process without Ray; with
+``--workers N`` N generator workers at a time run as Ray actors (local Ray, or ``--address``) and
+stream into a sample buffer that is spilled into the bank at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from dfq_search.bank import BankHeader, SampleBank, WorkerConfig, generate_into_bank
+from dfq_search.device import resolve_device
+from dfq_search.fingerprint import model_fingerprint
+from dfq_search.models import create_model
+from dfq_search.report import format_table
+
+
+def _configs(args: argparse.Namespace) -> list[WorkerConfig]:
+    batch = args.batch_size_gen
+    overrides = list(args.set) + ([f"train.batch_size={batch}"] if batch else [])
+    base = WorkerConfig(preset=args.preset, overrides=overrides, keep_after=args.keep_after)
+    per_step = base.game_config().train.batch_size
+    steps = args.steps or args.keep_after + -(-args.samples // per_step)
+    return [WorkerConfig(name=f"{args.preset}-s{seed}", preset=args.preset, overrides=overrides, seed=seed,
+                         steps=steps, keep_after=args.keep_after, chunk=args.shard_rows)
+            for seed in args.seeds]  # fmt: skip
+
+
+def _progress(start: float):
+    def show(info: dict) -> None:
+        t = time.perf_counter() - start
+        print(f"  [{t:7.1f} s] {info['generator']}: step {info['step']}, {info['samples']} samples, "
+              f"loss {info.get('loss', float('nan')):.4f}", flush=True)  # fmt: skip
+
+    return show
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    bundle = create_model(args.model, args.weights, args.num_classes, device)
+    header = BankHeader(model_fingerprint(bundle.model), bundle.preprocess.shape, bundle.num_classes,
+                        bundle.name, args.encoding)  # fmt: skip
+    bank = SampleBank.create(args.bank, header)
+    start, configs = time.perf_counter(), _configs(args)
+    print(f"{bundle.name} (fingerprint {header.fingerprint}) -> {args.bank}: "
+          f"{len(configs)} generator(s) x {args.samples} samples", flush=True)  # fmt: skip
+    if args.workers == 0:
+        results = [generate_into_bank(bundle.model, bank, c, args.samples, device, _progress(start))
+                   for c in configs]  # fmt: skip
+    else:
+        results = _generate_on_ray(args, bundle, bank, configs, start)
+    print(format_table(results))
+    info = bank.info()
+    print(f"bank: {info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB; "
+          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    return 0
+
+
+def _generate_on_ray(args, bundle, bank: SampleBank, configs: list[WorkerConfig], start: float) -> list[dict]:
+    from dfq_search import distributed as dist
+
+    dist.init(args.address, num_cpus=None if args.address else args.workers)
+    have = bank.info()["samples_per_generator"]
+    todo = [c for c in configs if have.get(c.name, 0) < args.samples]
+    results = [{"generator": c.name, "step": None, "samples": have.get(c.name, 0), "seconds": 0.0}
+               for c in configs if c not in todo]  # fmt: skip
+    buf = dist.SampleBuffer.start(f"generate-{bank.header.fingerprint}", max(1, args.samples * len(todo)),
+                                  bank.header.image_shape, bank.header.num_classes)  # fmt: skip
+    for i in range(0, len(todo), args.workers):
+        group = todo[i : i + args.workers]
+        for c in group:  # resume each generator from its last state in the bank
+            versions = bank.generator_versions(c.name)
+            if versions and versions[-1].config_hash == c.generator_hash():
+                buf.publish(c.name, versions[-1].step, bank.load_generator(versions[-1]),
+                            {"config_hash": c.generator_hash()})  # fmt: skip
+        pool = dist.WorkerPool(group, bundle.model, bank.header.image_shape, bank.header.num_classes, buf)
+        pool.run()
+        while not pool.done(timeout=args.progress_every):
+            for st in pool.status().values():
+                t = time.perf_counter() - start
+                print(f"  [{t:7.1f} s] {st['name']}: step {st['step']}/{st['steps']}", flush=True)
+        for name, st in pool.wait().items():
+            state, meta = buf.latest_generator(name)
+            bank.publish_generator(name, st["step"], state, {}, meta["config_hash"])
+            results.append({"generator": name, "step": st["step"], "seconds": st["generator_seconds"]})
+        buf.spill(args.bank, bank.header)
+        pool.shutdown()
+    buf.kill()  # a later run starts a buffer sized for its own work
+    counts = bank.info()["samples_per_generator"]
+    return [{**r, "samples": counts.get(r["generator"], 0)} for r in results]
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    """``bank info PATH``: the header, counts per generator, published generator versions."""
+    bank = SampleBank.open(args.path)
+    info = bank.info()
+    rows = [{"key": k, "value": v} for k, v in info.items() if not isinstance(v, dict)]
+    print(format_table(rows))
+    gens = [{"generator": g, "samples": n, "latest_step": info["latest_generator_steps"].get(g)}
+            for g, n in info["samples_per_generator"].items()]  # fmt: skip
+    if gens:
+        print(format_table(gens))
+    if args.verify:
+        bad = 0
+        for entry in bank.entries():
+            try:
+                bank.read(entry)
+            except Exception as err:
+                bad += 1
+                print(f"damaged: {entry.file}: {err}")
+        print(f"verified {len(bank.entries())} shards: {bad} damaged")
+        return 1 if bad else 0
+    return 0
+
+
+def add_parsers(sub, add_model_args) -> None:
+    """Add ``generate`` and ``bank`` to the CLI's sub-parsers; ``add_model_args`` adds --model etc."""
+    gen = sub.add_parser("generate", help="build or extend a synthetic-sample bank for a model (resumable)")
+    add_model_args(gen)
+    gen.add_argument("--bank", required=True, help="bank location: a folder or a pyarrow URI (s3://...)")
+    gen.add_argument(
+        "--samples", type=int, default=10_000, help="samples per generator (default %(default)s)"
+    )
+    gen.add_argument(
+        "--preset", default="gdfq", help="game preset whose generator half is run (gdfq, dsg, lrq)"
+    )
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="one generator per seed")
+    gen.add_argument("--set", nargs="*", default=[], help="overrides of the preset, key=value")
+    gen.add_argument("--batch-size-gen", type=int, help="generator batch size (default: the preset's)")
+    gen.add_argument("--steps", type=int, help="generator steps (default: enough for --samples)")
+    gen.add_argument("--keep-after", type=int, default=100, help="drop samples of the first N steps")
+    gen.add_argument("--shard-rows", type=int, default=4096, help="samples per bank shard")
+    gen.add_argument("--encoding", default="float16", choices=["float16", "uint8"], help="pixel storage")
+    gen.add_argument("--workers", type=int, default=0, help="Ray generator workers (0: this process)")
+    gen.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    gen.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    bank = sub.add_parser("bank", help="inspect a sample bank")
+    bank_sub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+    info = bank_sub.add_parser("info", help="header, samples per generator, published generator versions")
+    info.add_argument("path", help="bank location: a folder or a pyarrow URI")
+    info.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
