@@ -11,6 +11,7 @@ the generator's state is published into the bank and read back on the next run.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -86,13 +87,11 @@ class SourceTrainer:
         self.source = Game._build_source(SimpleNamespace(cfg=cfg), num_classes, input_shape).to(self.device)
         self.opt = torch.optim.Adam(self.source.parameters(), lr=cfg.source.lr, betas=tuple(cfg.source.betas))
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        self.step_count, self.seconds = 0, 0.0
+        self.step_count, self.seconds, self.cpu_seconds = 0, 0.0, 0.0
 
     def step(self) -> tuple[Samples, dict[str, float]]:
         """One generator step; returns its (detached) samples with P's logits, and the losses."""
-        import time
-
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         self.source.train()
         x, y = self.source.sample(self.game.train.batch_size, self.gen, self.device)
         loss, terms, z_p = self.objective(x, y)
@@ -102,18 +101,21 @@ class SourceTrainer:
         steps = torch.full((len(y),), self.step_count, dtype=torch.int64)
         self.step_count += 1
         self.seconds += time.perf_counter() - t
+        self.cpu_seconds += time.thread_time() - c  # this thread's CPU: compute, whatever the contention
         samples = Samples(x.detach().cpu(), y.cpu(), steps, z_p.detach().float().cpu(), self.config.name)
         return samples, {"loss": float(loss.detach()), **terms}
 
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "opt_g": self.opt.state_dict(),
-                "rng": self.gen.get_state(), "step": self.step_count, "seconds": self.seconds}  # fmt: skip
+                "rng": self.gen.get_state(), "step": self.step_count, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self.opt.load_state_dict(state["opt_g"])
         self.gen.set_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        self.cpu_seconds = float(state.get("cpu_seconds", 0.0))
 
 
 def warm_start(game: Game, state: dict, skip_warmup: bool = True) -> None:

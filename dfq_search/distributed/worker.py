@@ -92,7 +92,8 @@ class GeneratorWorker:
 
     def status(self) -> dict:
         return {"name": self.config.name, "step": self.trainer.step_count, "steps": self.config.steps,
-                "generator_seconds": self.trainer.seconds, "resumed_from": self.resumed_from,
+                "generator_seconds": self.trainer.seconds,
+                "generator_cpu_seconds": self.trainer.cpu_seconds, "resumed_from": self.resumed_from,
                 "reconstructed": self.reconstructed, "paused": self.paused.is_set(),
                 "waiting_full": self.waiting_full, "device": str(self.trainer.device)}  # fmt: skip
 
