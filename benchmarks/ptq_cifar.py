@@ -37,6 +37,7 @@ from dfq_search.baselines import CalibSpec, calibration_batches
 from dfq_search.cache import atomic_write, cache_dir
 from dfq_search.data.folder import load_image_folder
 from dfq_search.evaluate import Evaluator
+from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import create_model
 from dfq_search.ptq import PTQConfig, ReconConfig, run_ptq
 from dfq_search.quant import PROTOCOLS, parse_bits, trace_layers
@@ -72,7 +73,7 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     """
     from dfq_search.synth.direct import synthesize_images
 
-    key = json.dumps([bundle.name, _fingerprint(bundle.model), n, seed, args.synth_iters, args.synth_batch])
+    key = json.dumps([bundle.name, model_fingerprint(bundle.model), n, seed, args.synth_iters, args.synth_batch])
     path = cache_dir() / "synth" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -87,14 +88,6 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     seconds = time.perf_counter() - t0
     atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
     return images, seconds
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def row_config(row: str, args) -> PTQConfig:

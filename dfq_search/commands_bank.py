@@ -115,31 +115,3 @@ def cmd_bank(args: argparse.Namespace) -> int:
         print(f"verified {len(bank.entries())} shards: {bad} damaged")
         return 1 if bad else 0
     return 0
-
-
-def add_parsers(sub, add_model_args) -> None:
-    """Add ``generate`` and ``bank`` to the CLI's sub-parsers; ``add_model_args`` adds --model etc."""
-    gen = sub.add_parser("generate", help="build or extend a synthetic-sample bank for a model (resumable)")
-    add_model_args(gen)
-    gen.add_argument("--bank", required=True, help="bank location: a folder or a pyarrow URI (s3://...)")
-    gen.add_argument(
-        "--samples", type=int, default=10_000, help="samples per generator (default %(default)s)"
-    )
-    gen.add_argument(
-        "--preset", default="gdfq", help="game preset whose generator half is run (gdfq, dsg, lrq)"
-    )
-    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="one generator per seed")
-    gen.add_argument("--set", nargs="*", default=[], help="overrides of the preset, key=value")
-    gen.add_argument("--batch-size-gen", type=int, help="generator batch size (default: the preset's)")
-    gen.add_argument("--steps", type=int, help="generator steps (default: enough for --samples)")
-    gen.add_argument("--keep-after", type=int, default=100, help="drop samples of the first N steps")
-    gen.add_argument("--shard-rows", type=int, default=4096, help="samples per bank shard")
-    gen.add_argument("--encoding", default="float16", choices=["float16", "uint8"], help="pixel storage")
-    gen.add_argument("--workers", type=int, default=0, help="Ray generator workers (0: this process)")
-    gen.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    gen.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
-    bank = sub.add_parser("bank", help="inspect a sample bank")
-    bank_sub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
-    info = bank_sub.add_parser("info", help="header, samples per generator, published generator versions")
-    info.add_argument("path", help="bank location: a folder or a pyarrow URI")
-    info.add_argument("--verify", action="store_true", help="read every shard and check its checksum")

@@ -6,13 +6,11 @@ import argparse
 
 from dfq_search import commands_bank
 from dfq_search.bank import SampleBank
-from dfq_search.cli import _add_model_args
+from dfq_search.cli import build_parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    commands_bank.add_parsers(parser.add_subparsers(dest="command"), _add_model_args)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_generate_is_resumable_and_info_reports(tmp_path, capsys):

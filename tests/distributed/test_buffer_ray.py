@@ -117,15 +117,10 @@ def test_worker_pauses_when_buffer_full_and_on_request(ray_session, tiny):
 
 
 def test_cli_generate_on_ray_workers_resumes_from_the_bank(ray_session, tmp_path):
-    import argparse
-
     from dfq_search import commands_bank
-    from dfq_search.cli import _add_model_args
+    from dfq_search.cli import build_parser
 
-    def parse(argv: list[str]) -> argparse.Namespace:
-        parser = argparse.ArgumentParser()
-        commands_bank.add_parsers(parser.add_subparsers(dest="command"), _add_model_args)
-        return parser.parse_args(argv)
+    parse = build_parser().parse_args
 
     path = str(tmp_path / "bank")
     base = ["generate", "--model", "tiny_cnn", "--bank", path, "--batch-size-gen", "8", "--keep-after", "0",
