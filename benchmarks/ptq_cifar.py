@@ -73,7 +73,8 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     """
     from dfq_search.synth.direct import synthesize_images
 
-    key = json.dumps([bundle.name, model_fingerprint(bundle.model), n, seed, args.synth_iters, args.synth_batch])
+    fingerprint = model_fingerprint(bundle.model)
+    key = json.dumps([bundle.name, fingerprint, n, seed, args.synth_iters, args.synth_batch])
     path = cache_dir() / "synth" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
