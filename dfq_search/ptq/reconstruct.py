@@ -4,7 +4,7 @@ Units (or chains of adjacent units, for ModCap) are reconstructed in forward ord
 u_i..u_j: its input x̃ is captured from Q (whose earlier units are already reconstructed and hard
 rounded), its target y from P's output of u_j on the same images; then, with one Adam optimiser
 over the AdaRound variables V of every layer in the chain (and the step sizes of its activation
-quantizers), ``iters`` steps minimise
+quantizers), ``iters × (j − i + 1)`` steps (a chain keeps its units' budget) minimise
 
     ‖Q_chain(x̃) − y‖²  (summed over channels, averaged over the batch and positions)
     + λ · Σ_layers Σ (1 − |2h(V) − 1|^β)    (β annealed, none during the warm-up).
@@ -114,12 +114,13 @@ def reconstruct_chain_(
         groups.append({"params": [q.scale for q in quants], "lr": config.act_lr})
     opt = torch.optim.Adam(groups)
     gen = torch.Generator(device=x.device).manual_seed(config.seed)
+    iters = config.iters * len(units)  # a merged chain keeps the step budget of its units
     with _only_training([p for g in groups for p in g["params"]], chain):
-        for step in range(config.iters):
+        for step in range(iters):
             idx = torch.randint(0, len(x), (config.batch_size,), generator=gen, device=x.device)
             with qdrop(quants, config.qdrop, gen):
                 loss = rec_loss(chain(x[idx]), y[idx])
-            beta = beta_at(step, config.iters, config.b_start, config.b_end, config.warmup)
+            beta = beta_at(step, iters, config.b_start, config.b_end, config.warmup)
             if beta is not None and config.lam > 0:
                 loss = loss + config.lam * sum(a.regularizer(beta) for a in adas)
             opt.zero_grad(set_to_none=True)
