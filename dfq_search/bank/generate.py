@@ -14,7 +14,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from dfq_search.bank.shard import Samples
 from dfq_search.errors import DfqError, close_matches
 from dfq_search.fingerprint import config_hash
 from dfq_search.qat import Game, GameConfig, load_config
+from dfq_search.qat.game import game_source
 from dfq_search.synth.losses import NEEDS_Q, TermKnobs, TermParams
 from dfq_search.synth.objective import SampleObjective
 
@@ -83,8 +83,7 @@ class SourceTrainer:
         sl = cfg.sample_loss
         params = TermParams(**{f.name: getattr(sl, f.name) for f in dataclasses.fields(TermKnobs)})
         self.objective = SampleObjective(self.p, sl.weights, params, input_shape, self.device)
-        # Game._build_source is the one place that maps a SourceConfig to a source; reuse it as is.
-        self.source = Game._build_source(SimpleNamespace(cfg=cfg), num_classes, input_shape).to(self.device)
+        self.source = game_source(cfg, num_classes, input_shape).to(self.device)
         self.opt = torch.optim.Adam(self.source.parameters(), lr=cfg.source.lr, betas=tuple(cfg.source.betas))
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.step_count, self.seconds, self.cpu_seconds = 0, 0.0, 0.0

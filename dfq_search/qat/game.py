@@ -53,6 +53,18 @@ def _num_outputs(p: nn.Module, input_shape: tuple[int, ...], device) -> int:
         return int(p(torch.zeros(1, *input_shape, device=device)).shape[-1])
 
 
+def game_source(cfg: GameConfig, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """The sample source a game config asks for (the one place a SourceConfig becomes a source)."""
+    s = cfg.source
+    if s.name == "pixels":
+        return build_source("pixels", num_classes, input_shape, cfg.train.seed, n=s.pixels)
+    kwargs = {"latent_dim": s.latent_dim, "upsamples": s.upsamples, "conditional_bn": s.conditional_bn,
+              "lka_kernels": tuple(s.lka_kernels), "lka_dilation": s.lka_dilation}  # fmt: skip
+    if s.lka_after is not None:
+        kwargs["lka_after"] = tuple(s.lka_after)
+    return build_source(s.name, num_classes, input_shape, cfg.train.seed, **kwargs)
+
+
 class Game:
     """One run of the game between a sample source G and the quantized model Q, judged by P."""
 
@@ -74,7 +86,7 @@ class Game:
         self.objective = SampleObjective(self.p, sl.weights, params, input_shape, self.device)
         self.q_weights = check_weights(ql.weights, Q_TERMS, "Q loss")
         self.q_params = ql  # a QLossConfig is the QLossParams plus the weights
-        self.source = self._build_source(num_classes, input_shape).to(self.device)
+        self.source = game_source(config, num_classes, input_shape).to(self.device)
         self.opt_g = torch.optim.Adam(self.source.parameters(), lr=config.source.lr,
                                       betas=tuple(config.source.betas))  # fmt: skip
         self.q_train = [t for t in self.q.parameters() if t.requires_grad]
@@ -89,16 +101,6 @@ class Game:
         self.reporter = reporter or NullReporter()
         self.step, self.q_steps = 0, 0
         self.tracking = any(not bool(a.frozen) for a in act_quantizers(self.q))
-
-    def _build_source(self, num_classes: int, input_shape) -> nn.Module:
-        s = self.cfg.source
-        if s.name == "pixels":
-            return build_source("pixels", num_classes, input_shape, self.cfg.train.seed, n=s.pixels)
-        kwargs = {"latent_dim": s.latent_dim, "upsamples": s.upsamples, "conditional_bn": s.conditional_bn,
-                  "lka_kernels": tuple(s.lka_kernels), "lka_dilation": s.lka_dilation}  # fmt: skip
-        if s.lka_after is not None:
-            kwargs["lka_after"] = tuple(s.lka_after)
-        return build_source(s.name, num_classes, input_shape, self.cfg.train.seed, **kwargs)
 
     def g_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         """One generator step; returns (x, y, z_p, metrics) for the Q step to reuse."""
