@@ -29,3 +29,14 @@ def unknown_name(kind: str, name: str, valid: Iterable[str], fix: str) -> DfqErr
     valid = sorted(valid)
     shown = ", ".join(valid[:30]) + (f", ... ({len(valid)} in all)" if len(valid) > 30 else "")
     return DfqError(f"unknown {kind}{close_matches(name, valid)}", name, f"valid: {shown}", fix)
+
+
+def refuse_unknown_keys(kind: str, keys: Iterable[object], allowed: Iterable[str]) -> None:
+    """Raise for the first of ``keys`` not in ``allowed`` (a config key, a YAML field), with a suggestion."""
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            raise DfqError(
+                f"unknown {kind} key{close_matches(str(key), allowed)}", key,
+                f"valid keys: {', '.join(allowed)}", "fix the spelling or remove the key",
+            )  # fmt: skip

@@ -20,7 +20,7 @@ from torch import nn
 
 from dfq_search.bank.bank import SampleBank
 from dfq_search.bank.shard import Samples
-from dfq_search.errors import DfqError, close_matches
+from dfq_search.errors import DfqError, refuse_unknown_keys
 from dfq_search.fingerprint import config_hash
 from dfq_search.qat import Game, GameConfig, load_config
 from dfq_search.qat.game import game_source
@@ -51,11 +51,7 @@ class WorkerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> WorkerConfig:
         """A config from a mapping; unknown keys refused with the closest valid one."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise DfqError(f"unknown worker config key {key!r}{close_matches(key, names)}", key,
-                               f"valid keys: {', '.join(names)}", "fix or remove it")  # fmt: skip
+        refuse_unknown_keys("worker config", data, [f.name for f in dataclasses.fields(cls)])
         return cls(**data)
 
     def game_config(self) -> GameConfig:

@@ -6,20 +6,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dfq_search.errors import DfqError, close_matches
+from dfq_search.errors import DfqError, refuse_unknown_keys
 
 ACT_RANGES = ("minmax", "percentile", "mse")
 CAPACITIES = ("data", "free")
 
 
 def _refuse_unknown(cls: type, data: Mapping[str, Any]) -> None:
-    names = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in names:
-            raise DfqError(
-                f"unknown {cls.__name__} key{close_matches(str(key), names)}", key,
-                f"keys: {', '.join(names)}", "remove or rename the key",
-            )  # fmt: skip
+    refuse_unknown_keys(cls.__name__, data, [f.name for f in fields(cls)])
 
 
 def _positive(name: str, value: Any, kind: type = int) -> None:

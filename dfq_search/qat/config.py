@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dfq_search.errors import DfqError, close_matches, unknown_name
+from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
 from dfq_search.qat.losses import QLossParams
 from dfq_search.synth.losses import TermKnobs
 
@@ -89,13 +89,9 @@ def _build(cls: type, data: dict, where: str) -> Any:
             f"config section {where or 'root'}", data, "a mapping of keys to values", "fix the YAML"
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    refuse_unknown_keys(f"{where[:-1] or 'top-level'} config", data, fields)
     kwargs = {}
     for key, value in data.items():
-        if key not in fields:
-            raise DfqError(
-                f"unknown config key {where + key!r}{close_matches(key, fields)}", key,
-                f"valid keys: {', '.join(fields)}", "fix the spelling or remove the key",
-            )  # fmt: skip
         sub = fields[key].default_factory if dataclasses.is_dataclass(fields[key].default_factory) else None
         kwargs[key] = _build(sub, value, f"{where}{key}.") if sub else _typed(value, fields[key], where)
     return cls(**kwargs)
