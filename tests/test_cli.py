@@ -67,10 +67,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     torch.save({"x": print}, evil)  # a pickle of a callable: refused by weights_only
     return {
         "unknown model": (["eval", "--model", "resnet_20"], "unknown model"),
-        "missing weights": (["eval", "--model", "cifar_resnet20", "--weights", str(tmp_path / "no.th")],
-                            "not found"),
-        "evil weights": (["eval", "--model", "cifar_resnet20", "--weights", str(evil), "--data",
-                          str(not_folder)], "weights"),
+        "missing weights": (
+            ["eval", "--model", "cifar_resnet20", "--weights", str(tmp_path / "no.th")],
+            "not found",
+        ),
+        "evil weights": (
+            ["eval", "--model", "cifar_resnet20", "--weights", str(evil), "--data", str(not_folder)],
+            "weights",
+        ),
         "unknown layer": (["eval", "--plan", str(bad_plan)], "lacks"),
         "bits outside the set": (["eval", "--bits", "W7A4"], "not allowed"),
         "bad bits form": (["run", "--bits", "4bit"], "WxAy"),
