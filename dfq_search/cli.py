@@ -68,6 +68,36 @@ def _add_bank_parsers(sub, add_model_args) -> None:
     info.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
 
 
+def _add_campaign_parsers(sub) -> None:
+    """``run`` (the search campaign, the main job) and ``report`` (its tables and plots again)."""
+    run = sub.add_parser("run", help="the main job: search per-layer bits and method settings under a "
+                         "budget (Ray Tune + Optuna) and report the accuracy/size Pareto front")  # fmt: skip
+    shipped = "search-space YAML, or a shipped name: default, cifar_resnet20, tiny_smoke"
+    run.add_argument("--space", default="default", help=shipped)
+    run.add_argument("--model", help="model (default: the space's model.name); see 'dfq-search models'")
+    run.add_argument("--weights", help="weights file of the model (default: the space's model.weights)")
+    run.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
+    run.add_argument(
+        "--storage", type=Path, default=Path("runs"), help="where campaigns live (default runs/)"
+    )
+    run.add_argument("--name", help="campaign name (default: <model>-<space>)")
+    run.add_argument("--resume", action="store_true", help="continue the campaign of that name")
+    run.add_argument("--address", help="Ray cluster address ('auto' on a cluster; default: a local Ray)")
+    run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    run.add_argument("--time-budget", type=float, help="seconds of trials; then it ends with the best so far")
+    run.add_argument("--trials", type=int, help="number of trials (default: the space's search.trials)")
+    run.add_argument("--concurrency", type=int, help="trials at a time (default: the space's)")
+    run.add_argument("--sampler", help="Optuna sampler: tpe, random, nsga2, qmc, gp (default: the space's)")
+    val = "labelled validation images (ImageFolder); the objective is then their top-1"
+    run.add_argument("--val-data", type=Path, help=val)
+    test = "labelled test images (ImageFolder): the front is scored on them, never searched on them"
+    run.add_argument("--test-data", type=Path, help=test)
+    run.add_argument("--device", default="cpu", help="device of the driver's preparation (trials use the "
+                     "GPU Ray gives them)")  # fmt: skip
+    rep = sub.add_parser("report", help="rebuild the tables and plots of a finished or running campaign")
+    rep.add_argument("path", type=Path, help="the campaign folder (<storage>/<name>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfq-search",
@@ -75,13 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         "With no command: 'run' on the embedded default model.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="the main job: quantize a model and report accuracy and size")
-    _add_model_args(run)
-    run.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), help="uniform plans to try")
-    run.add_argument("--protocol", default="generative", help="generative or ptq")
-    run.add_argument("--calib", default="gaussian", help="'gaussian' or an ImageFolder directory")
-    run.add_argument("--calib-images", type=int, default=256)
-    run.add_argument("--seed", type=int, default=0)
+    _add_campaign_parsers(sub)
+    base = sub.add_parser("baseline", help="round-to-nearest at uniform plans: accuracy before and after")
+    _add_model_args(base)
+    base.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), help="uniform plans to try")
+    base.add_argument("--protocol", default="generative", help="generative or ptq")
+    base.add_argument("--calib", default="gaussian", help="'gaussian' or an ImageFolder directory")
+    base.add_argument("--calib-images", type=int, default=256)
+    base.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("eval", help="top-1 of a model, full precision or quantized by a plan")
     _add_model_args(ev)
     _add_plan_args(ev)
@@ -111,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("generate", "bank"):
             from dfq_search import commands_bank as commands
+        elif args.command in ("run", "report"):
+            from dfq_search import commands_search as commands  # type: ignore[no-redef]
         else:
             from dfq_search import commands  # type: ignore[no-redef]
 

@@ -143,8 +143,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Until the search lands: uniform RTN plans on the model, accuracy before and after."""
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Uniform RTN plans on the model, accuracy before and after."""
     start = time.perf_counter()
     s = _setup(args)
     ev = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,

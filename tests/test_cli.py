@@ -27,8 +27,8 @@ def test_help_lists_the_commands():
         assert cmd in proc.stdout
 
 
-def test_run_reports_fp_and_quantized_accuracy(capsys):
-    code, out, _ = run_cli(capsys, "run", "--bits", "W8A8", "W2A4")
+def test_baseline_reports_fp_and_quantized_accuracy(capsys):
+    code, out, _ = run_cli(capsys, "baseline", "--bits", "W8A8", "W2A4")
     assert code == 0
     fp = float(out.split("full precision top-1 ")[1].split("%")[0])
     assert fp > 90
@@ -77,7 +77,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "unknown layer": (["eval", "--plan", str(bad_plan)], "lacks"),
         "bits outside the set": (["eval", "--bits", "W7A4"], "not allowed"),
-        "bad bits form": (["run", "--bits", "4bit"], "WxAy"),
+        "bad bits form": (["baseline", "--bits", "4bit"], "WxAy"),
         "not an image folder": (["eval", "--data", str(not_folder)], "ImageFolder"),
         "missing data": (["eval", "--data", str(tmp_path / "nowhere")], "nowhere"),
         "cuda without gpu": (["eval", "--device", "cuda"], "GPU"),

@@ -3,11 +3,15 @@ this package; Ray's API moves between releases, so the calls stay few and in one
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
 NAMESPACE = "dfq_search"
+# Tune's console output: the legacy engine (silent at verbose=0; the campaign prints its own lines),
+# and no warning about frequent experiment snapshots (a campaign of short trials makes many).
+QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def init(address: str | None = None, num_cpus: int | None = 2, namespace: str = NAMESPACE, **kwargs) -> None:
@@ -18,10 +22,13 @@ def init(address: str | None = None, num_cpus: int | None = 2, namespace: str = 
     if ray.is_initialized():
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the workers Ray starts
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, namespace=namespace, **kwargs)
         return
     kwargs.setdefault("object_store_memory", 512 * 2**20)
+    kwargs.setdefault("logging_level", logging.ERROR)
     ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False,
              _node_ip_address="127.0.0.1", **kwargs)  # fmt: skip
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,8 @@ from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, mo
 from dfq_search.ptq.reconstruct import ChainRecord, reconstruct_chain_
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
+
+Progress = Callable[[int, int, nn.Module], None]
 
 
 def oscillation(errors: Sequence[float]) -> float:
@@ -70,17 +72,20 @@ class PTQResult:
 
 def reconstruct_(
     q: nn.Module, p: nn.Module, data: Sequence[Tensor], units: Sequence[Unit],
-    groups: Sequence[Sequence[int]], config: ReconConfig,
+    groups: Sequence[Sequence[int]], config: ReconConfig, progress: Progress | None = None,
 ) -> list[ChainRecord]:  # fmt: skip
-    """Reconstruct ``q``'s units group by group (each group a chain of unit indices), in order."""
+    """Reconstruct ``q``'s units group by group (each group a chain of unit indices), in order;
+    ``progress(done, total, q)`` is called after each group."""
     records = []
-    for group in groups:
+    for done, group in enumerate(groups, 1):
         names = [units[i].name for i in group]
         x = capture(q, names[0], data, "input")
         y = capture(p, names[-1], data, "output")
         modules = [q.get_submodule(n) for n in names]
         records.append(reconstruct_chain_(modules, names, x, y, config))
         del x, y
+        if progress is not None:
+            progress(done, len(groups), q)
     return records
 
 
@@ -99,8 +104,13 @@ def run_ptq(
     config: PTQConfig | None = None,
     quant_config: QuantConfig | None = None,
     device: torch.device | str = "cpu",
+    progress: Progress | None = None,
 ) -> PTQResult:
-    """Quantize a copy of ``p`` under ``plan`` and calibrate/reconstruct it on ``batches``."""
+    """Quantize a copy of ``p`` under ``plan`` and calibrate/reconstruct it on ``batches``.
+
+    ``progress(done, total, q)``, when given, is called with done = 0 once the ranges are calibrated
+    and after each reconstructed group of units (a search reports intermediate fidelities with it).
+    """
     config = config or PTQConfig()
     quant_config = quant_config or PROTOCOLS["ptq"].config
     _check_config(quant_config)
@@ -122,7 +132,9 @@ def run_ptq(
             groups, diffs = modcap_chains(units, caps, config.modcap_k, config.max_chain)
             result.differentials = {f"{units[i].name}|{units[i + 1].name}": d for i, d in diffs.items()}
         result.groups = [[units[i].name for i in g] for g in groups]
-        result.records = reconstruct_(q, p, data, units, groups, config.recon)
+        if progress is not None:
+            progress(0, len(groups), q)
+        result.records = reconstruct_(q, p, data, units, groups, config.recon, progress)
     result.unit_errors = unit_errors(q, p, units, data)
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,60 @@
+"""``dfq-search run`` (a search campaign) and ``dfq-search report`` (its outputs, rebuilt)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dfq_search.errors import DfqError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dfq_search.search.campaign import CampaignOptions, run_campaign
+    from dfq_search.search.space import load_space
+
+    for flag in ("trials", "concurrency", "num_cpus"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DfqError(f"--{flag.replace('_', '-')}", value, "an integer >= 1", "pass a positive number")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise DfqError("--time-budget", args.time_budget, "seconds > 0", "pass e.g. --time-budget 600")
+    if args.sampler is not None:
+        from dfq_search.search.space import SAMPLERS
+
+        if args.sampler not in SAMPLERS:
+            from dfq_search.errors import unknown_name
+
+            raise unknown_name("sampler", args.sampler, SAMPLERS, "pass --sampler tpe (or another listed)")
+    opts = CampaignOptions(
+        load_space(args.space),
+        args.model,
+        args.weights,
+        args.num_classes,
+        args.storage,
+        args.name,
+        args.address,
+        args.resume,
+        args.time_budget,
+        args.trials,
+        args.concurrency,
+        args.sampler,
+        args.val_data,
+        args.test_data,
+        args.device,
+        args.num_cpus,
+    )
+    run_campaign(opts, lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dfq_search.search.campaign import finalize
+
+    if not (args.path / "campaign.json").is_file():
+        raise DfqError(
+            "not a campaign folder",
+            str(args.path),
+            "a folder with campaign.json",
+            "pass <storage>/<name> of a 'dfq-search run'",
+        )
+    finalize(args.path.resolve(), None, lambda line: print(line, flush=True))
+    return 0

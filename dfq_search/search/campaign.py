@@ -1,0 +1,456 @@
+"""A search campaign from start to end (the flow of ../DESIGN.md, as what ``dfq-search run`` does):
+
+1. load P and the space; check the storage path before any compute;
+2. synthesize (or read from the cache or a bank) the calibration and held-out samples;
+3. ZeroQ sensitivity on the calibration samples: the budget repair's order and the DP warm start;
+4. warm starts: the uniform plans that fit the budget and the sensitivity-DP plan, run first;
+5. Ray Tune + OptunaSearch run the trials (dfq_search.distributed.tune);
+6. results.parquet, the Pareto front (table + PNG), best_plan.yaml, the best model (checkpoint and,
+   with the onnx extra, ONNX), TensorBoard curves; candidates scored on the test images when given.
+
+A campaign lives in ``<storage>/<name>``; ``resume`` continues it without rerunning finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfq_search.errors import DfqError
+from dfq_search.models import ModelBundle, create_model
+from dfq_search.quant import LayerBits, trace_layers
+from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction
+from dfq_search.search.objective import FidelityScorer, LabelledScorer
+from dfq_search.search.results import (
+    best,
+    candidates,
+    front_table,
+    pareto_front,
+    plot_front,
+    result_rows,
+    write_parquet,
+)
+from dfq_search.search.samples import campaign_samples
+from dfq_search.search.space import SearchSpace
+from dfq_search.search.trial import TrialContext
+
+Log = Callable[[str], None]
+MIN_FREE_BYTES = 200 * 2**20
+SENSITIVITY_IMAGES = 128
+
+
+@dataclass
+class CampaignOptions:
+    """What the user chose on top of the space file (the CLI's flags)."""
+
+    space: SearchSpace
+    model: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    storage: Path = Path("runs")
+    name: str | None = None
+    address: str | None = None
+    resume: bool = False
+    time_budget: float | None = None
+    trials: int | None = None
+    concurrency: int | None = None
+    sampler: str | None = None
+    val_data: Path | None = None
+    test_data: Path | None = None
+    device: str = "cpu"
+    num_cpus: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        name = self.model or self.space.model.name
+        if not name:
+            raise DfqError("no model", None, "--model NAME or model.name in the space", "pass --model")
+        return name
+
+    @property
+    def run_name(self) -> str:
+        return (
+            self.name
+            or f"{self.model_name.replace(':', '_').replace('.', '_')}-{Path(self.space.source).stem}"
+        )
+
+
+@dataclass
+class CampaignResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    files: dict[str, str] = field(default_factory=dict)
+    marks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def check_storage(run_dir: Path, resume: bool) -> None:
+    """Refuse, before any compute, a storage path that cannot be written, a full disk, or an existing
+    campaign that was not asked to be resumed (nothing of it is touched)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise DfqError(
+            "storage path is not writable",
+            str(run_dir),
+            f"a writable folder ({err.strerror})",
+            "pass --storage DIR where you can write",
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise DfqError(
+            "not enough free disk space at the storage path",
+            f"{free / 2**20:.0f} MiB",
+            f"at least {MIN_FREE_BYTES // 2**20} MiB",
+            "free space or pass another --storage",
+        )
+    if (run_dir / "campaign.json").exists() and not resume:
+        raise DfqError(
+            "a campaign already exists at the storage path",
+            str(run_dir),
+            "a new --name, or --resume to continue this one",
+            "add --resume or pass --name NEW",
+        )
+
+
+def _test_data(opts: CampaignOptions, bundle: ModelBundle):
+    """Images the campaign reports on but never optimises on (digits_cnn: its held-out split)."""
+    if opts.test_data is not None:
+        from dfq_search.data.folder import load_image_folder
+
+        return load_image_folder(opts.test_data, bundle.preprocess)
+    if bundle.name == "digits_cnn":
+        from dfq_search.data.digits import load_digits_split
+
+        return load_digits_split("test")
+    return None
+
+
+def _check_modcap(space: SearchSpace, bundle: ModelBundle, example: torch.Tensor) -> None:
+    knob = space.ptq.get("modcap_k")
+    if knob is None or not any("ptq" in k for k in space.kind.values()) or max(knob.values()) == 0:
+        return
+    from dfq_search.ptq.modcap import check_k
+    from dfq_search.ptq.units import find_units
+
+    units = find_units(bundle.model, example)
+    try:
+        check_k(units, int(max(knob.values())))
+    except DfqError as err:
+        raise DfqError(
+            f"method.ptq.modcap_k too large for {bundle.name}",
+            list(knob.values()),
+            err.allowed,
+            "lower the largest modcap_k choice in the space file",
+        ) from None
+
+
+def _sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict:
+    path = run_dir / "sensitivity.json"
+    if path.is_file():
+        return {k: {int(b): v for b, v in d.items()} for k, d in json.loads(path.read_text()).items()}
+    from dfq_search.ptq.sensitivity import zeroq_sensitivity
+
+    probe = PlanSpace(plans_space, layers)
+    bits = sorted({w for c in probe.choices for w in c.w})
+    start = time.perf_counter()
+    sens = zeroq_sensitivity(bundle.model, list(calib[:SENSITIVITY_IMAGES].split(64)), bits, device)
+    log(f"sensitivity of {len(sens)} layers at bits {bits}: {time.perf_counter() - start:.1f} s")
+    path.write_text(json.dumps(sens))
+    return sens
+
+
+def warm_starts(plans: PlanSpace) -> dict[str, dict[str, LayerBits]]:
+    """Named plans the campaign runs first: uniform ones that fit the budget and the sensitivity DP."""
+    out = {}
+    for bits in plans.uniform_bits():
+        ws = sorted({b.w for b in bits.values()})
+        out[f"uniform-w{'/'.join(map(str, ws))}"] = bits
+    dp = dp_plan(plans)
+    if dp is not None:
+        out["sensitivity-dp"] = dp
+    return out
+
+
+def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:
+    """ZeroQ's exact DP over the weight choices under a size budget (activations at their highest)."""
+    from dfq_search.ptq.sensitivity import allocate_bits
+
+    kind = plans.budget.kind
+    if not plans.sensitivity or kind in (None, "max_mbops", "uniform_bops"):
+        return None
+    params = {i.name: i.params for i in plans.layers}
+    total = sum(params[c.name] for c in plans.choices)
+    limit_bits = {
+        "uniform_weight_bits": plans.uniform_limit * 8192,
+        "max_size_kib": (plans.budget.max_size_kib or 0) * 8192,
+        "mean_weight_bits": (plans.budget.mean_weight_bits or 0) * total,
+    }[kind]
+    sens = {c.name: {w: plans.sensitivity.get(c.name, {}).get(w, 0.0) for w in c.w} for c in plans.choices}
+    try:
+        chosen = allocate_bits(sens, params, limit_bits + 1e-6)
+    except DfqError:
+        return None
+    return {c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices}
+
+
+@dataclass
+class Prepared:
+    bundle: ModelBundle
+    plans: PlanSpace
+    ctx: TrialContext
+    starts: dict[str, dict[str, LayerBits]]
+    test_data: Any
+    meta: dict[str, Any]
+
+
+def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
+    """Everything before the trials (steps 1-4 of the module docstring)."""
+    from dfq_search.device import resolve_device
+
+    space, device = opts.space, resolve_device(opts.device)
+    bundle = create_model(
+        opts.model_name,
+        opts.weights or (opts.space.model.weights if not opts.model else None),
+        opts.num_classes or space.model.num_classes,
+        device,
+    )
+    example = bundle.preprocess.example_input(device=device)
+    layers = trace_layers(bundle.model, example)
+    PlanSpace(space, layers)  # refuses rules naming missing layers or an impossible budget, before compute
+    _check_modcap(space, bundle, example)
+    val = None
+    if opts.val_data is not None:
+        from dfq_search.data.folder import load_image_folder
+
+        val = load_image_folder(opts.val_data, bundle.preprocess)
+    test = _test_data(opts, bundle)
+    samples = campaign_samples(bundle, space.samples, device, log)
+    log(f"samples: {len(samples.calib)} calibration + {len(samples.heldout)} held-out ({samples.origin})")
+    sens = _sensitivity(bundle, samples.calib, space, layers, run_dir, device, log)
+    plans = PlanSpace(space, layers, sens)
+    if val is not None:
+        scorer = LabelledScorer(bundle.model, val, bundle.preprocess)
+    else:
+        metric = "kl" if space.objective.metric in ("auto", "top1") else space.objective.metric
+        scorer = FidelityScorer(bundle.model, samples.heldout, metric)
+    ctx = TrialContext(
+        bundle.model.cpu(),
+        bundle.name,
+        bundle.num_classes,
+        bundle.preprocess.shape,
+        samples.calib,
+        scorer,
+        space.objective.reports,
+        space.objective.eval_fraction,
+    )
+    starts = warm_starts(plans) if space.search.warm_start else {}
+    starts = {
+        k: v
+        for k, v in starts.items()
+        if k.split("-")[0] in {w.split("-")[0] for w in space.search.warm_start}
+        or (k == "sensitivity-dp" and "sensitivity" in space.search.warm_start)
+    }
+    meta = {
+        "model": bundle.name,
+        "space": space.source,
+        "objective": scorer.metric,
+        "samples": samples.origin,
+        "synthesis_s": samples.seconds,
+        "budget": asdict(space.budget),
+        "uniform_limit_kib": plans.uniform_limit,
+        "warm_starts": {k: {n: asdict(b) for n, b in v.items()} for k, v in starts.items()},
+        "test_data": None
+        if test is None
+        else (str(opts.test_data) if opts.test_data else "digits test split"),
+    }
+    return Prepared(bundle, plans, ctx, starts, test, meta)
+
+
+def _points(plans: PlanSpace, starts: dict[str, dict[str, LayerBits]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for bits in starts.values():
+        params = plans.params_of(bits)
+        key = json.dumps(params, sort_keys=True)
+        if params and key not in seen:
+            seen.add(key)
+            out.append(params)
+    return out
+
+
+def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
+    """Run (or resume) a campaign and write its outputs; see the module docstring."""
+    from dfq_search import distributed
+    from dfq_search.distributed.tune import ProgressLine, TensorBoardCurves, TuneSetup, run_tuner
+
+    start = time.perf_counter()
+    run_dir = (opts.storage / opts.run_name).resolve()
+    check_storage(run_dir, opts.resume)
+    prep = prepare(opts, run_dir, log)
+    s = opts.space
+    search = replace(
+        s.search,
+        **{
+            k: v
+            for k, v in (
+                ("trials", opts.trials),
+                ("concurrency", opts.concurrency),
+                ("sampler", opts.sampler),
+            )
+            if v is not None
+        },
+    )
+    (run_dir / "campaign.json").write_text(
+        json.dumps({**prep.meta, "search": asdict(search), "reports": s.objective.reports}, indent=1)
+    )
+    prep.ctx.p = prep.ctx.p.cpu()
+    distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())
+    setup = TuneSetup(
+        SpaceFunction(prep.plans, seed=s.samples.seed),
+        None if s.budget.repair else BudgetConstraint(prep.plans),
+        _points(prep.plans, prep.starts),
+        prep.ctx,
+        search.trials,
+        search.sampler,
+        search.seed,
+        search.concurrency,
+        s.objective.mode,
+        s.objective.reports,
+        s.resources.trial_cpu,
+        s.resources.trial_gpu,
+        search.max_failures,
+        opts.time_budget,
+        [ProgressLine(search.trials, log), TensorBoardCurves(run_dir / "tensorboard")],
+        explicit_gpu=opts.address is not None,
+    )
+    log(
+        f"campaign {run_dir}: {search.trials} trials, {search.concurrency} at a time, "
+        f"{search.sampler} sampler, objective {prep.ctx.scorer.metric} ({s.objective.mode})"
+    )
+    run_tuner(setup, str(opts.storage.resolve()), opts.run_name, opts.resume)
+    result = finalize(run_dir, prep, log)
+    log(f"done in {time.perf_counter() - start:.1f} s")
+    return result
+
+
+def _score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> None:
+    from dfq_search.checkpoint import load_quantized
+    from dfq_search.evaluate import Evaluator
+
+    device = next(bundle.model.parameters()).device
+    ev = Evaluator(test, bundle.preprocess, reference=bundle.model, device=device)
+    fp = ev(bundle.model).top1
+    for r in rows:
+        q, _ = load_quantized(Path(r["checkpoint"]) / "model.pt", device)
+        r["test_top1"] = ev(q).top1
+        r["test_drop"] = fp - r["test_top1"]
+
+
+def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    by_plan = {}
+    for name, bits in starts.items():
+        plan = json.dumps({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
+        by_plan[plan] = name
+    out = {}
+    for r in candidates(rows):
+        name = by_plan.get(r["plan"])
+        if name and name not in out:
+            out[name] = r
+    return out
+
+
+def finalize(run_dir: Path, prep: Prepared | None, log: Log = print) -> CampaignResult:
+    """Rows, front, best and every output file of the campaign in ``run_dir``."""
+    from dfq_search.distributed.tune import load_results
+
+    meta = json.loads((run_dir / "campaign.json").read_text())
+    rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
+    front, top = pareto_front(rows), best(rows)
+    starts = (
+        prep.starts
+        if prep is not None
+        else {k: {n: LayerBits(**b) for n, b in v.items()} for k, v in meta.get("warm_starts", {}).items()}
+    )
+    marks = _marks(rows, starts)
+    shown = {r["trial"]: r for r in [*front, *marks.values(), *([top] if top else [])]}
+    if prep is not None and prep.test_data is not None and shown:
+        _score_on_test(list(shown.values()), prep.test_data, prep.bundle)
+    files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}
+    files["pareto_plot"] = str(
+        plot_front(rows, front, run_dir / "pareto.png", marks, meta.get("objective", "score"))
+    )
+    result = CampaignResult(run_dir, rows, front, top, files, marks)
+    if top is not None:
+        _write_best(result, prep)
+    (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=1, default=str))
+    files["summary"] = str(run_dir / "summary.json")
+    _print(result, log)
+    return result
+
+
+def _write_best(result: CampaignResult, prep: Prepared | None) -> None:
+    import yaml
+
+    top, run_dir = result.best, result.run_dir
+    plan_path = run_dir / "best_plan.yaml"
+    plan_path.write_text(yaml.safe_dump(json.loads(top["plan"]), sort_keys=False))
+    model_path = run_dir / "best_model.pt"
+    shutil.copyfile(Path(top["checkpoint"]) / "model.pt", model_path)
+    result.files |= {"best_plan": str(plan_path), "best_model": str(model_path)}
+    try:
+        from dfq_search.checkpoint import load_quantized
+        from dfq_search.export import export_onnx
+
+        q, meta = load_quantized(model_path)
+        result.files["best_onnx"] = str(
+            export_onnx(q, meta["preprocess"].example_input(), run_dir / "best_model.onnx")
+        )
+    except (DfqError, ImportError) as err:
+        result.files["best_onnx"] = f"not written: {err}"
+
+
+def _summary(result: CampaignResult) -> dict[str, Any]:
+    counts = {
+        s: sum(r["status"] == s for r in result.rows) for s in ("complete", "stopped", "infeasible", "failed")
+    }
+    return {
+        "trials": len(result.rows),
+        **counts,
+        "best": result.best,
+        "front": result.front,
+        "warm_starts": result.marks,
+        "files": result.files,
+    }
+
+
+def _print(result: CampaignResult, log: Log) -> None:
+    counts = _summary(result)
+    log(
+        f"\n{counts['trials']} trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
+        f"{counts['infeasible']} over budget, {counts['failed']} failed"
+    )
+    extra = ("test_top1", "test_drop")
+    if result.front:
+        log("Pareto front (score vs weight size):\n" + front_table(result.front, extra))
+    if result.marks:
+        named = [{**r, "trial": f"{name} ({r['trial']})"} for name, r in result.marks.items()]
+        log("warm starts:\n" + front_table(named, extra))
+    if result.best is not None:
+        log("best:\n" + front_table([result.best], extra))
+    log(
+        "files:\n"
+        + "\n".join(f"  {k}: {v}" for k, v in result.files.items())
+        + f"\n  tensorboard: {result.run_dir / 'tensorboard'}"
+    )

@@ -1,0 +1,264 @@
+"""A search space made concrete for one model: per-layer bit choices, the budget, and the Optuna
+define-by-run function that Ray Tune's ``OptunaSearch`` calls (importable, picklable: resume needs it).
+
+Parameters of a trial: ``w:<layer>`` and ``a:<layer>`` for layers with more than one choice, and the
+method knobs (``kind``, ``ptq.modcap_k``, ``qat.lambda_l``, ...). The function also returns, as
+constants, the effective ``plan`` (after the budget repair), its ``cost`` and ``feasible``.
+
+Budget repair: a sampled plan over the budget has the bits of one layer at a time lowered to its next
+choice, the move with the least sensitivity increase per bit saved first (ZeroQ's Ω when known, else
+the largest saving), until it fits. The plan is then a deterministic function of the sampled
+parameters, which is what TPE models. With ``repair: false`` an over-budget plan is reported
+infeasible without any compute, and Optuna's constraint API steers the sampler away from it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dfq_search.errors import DfqError, close_matches
+from dfq_search.quant.cost import layer_costs
+from dfq_search.quant.plan import BitPlan, LayerBits
+from dfq_search.quant.quantize import first_last_names
+from dfq_search.quant.trace import LayerInfo
+from dfq_search.search.space import SearchSpace
+
+FIRST_LAST, DEFAULT = "_first_last", "_default"
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    name: str
+    w: tuple[int, ...]
+    a: tuple[int, ...]
+
+
+def _check_rules(rules: Mapping[str, Any], names: Sequence[str], where: str) -> None:
+    for key in rules:
+        if key in (FIRST_LAST, DEFAULT):
+            continue
+        if key.startswith("re:"):
+            if not any(re.fullmatch(key[3:], n) for n in names):
+                raise DfqError(
+                    f"{where} pattern matches no layer",
+                    key,
+                    f"layers: {', '.join(names[:12])}",
+                    "fix the pattern (see 'dfq-search layers')",
+                )
+        elif key not in names:
+            raise DfqError(
+                f"{where} names a layer the model lacks{close_matches(key, names)}",
+                key,
+                f"layers: {', '.join(names[:12])}",
+                "see 'dfq-search layers'",
+            )
+
+
+def _lookup(rules: Mapping[str, tuple[int, ...]], name: str, edge: bool) -> tuple[int, ...] | None:
+    if name in rules:
+        return rules[name]
+    if edge and FIRST_LAST in rules:
+        return rules[FIRST_LAST]
+    hit = next((v for k, v in rules.items() if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
+    return hit if hit is not None else rules.get(DEFAULT)
+
+
+def layer_choices(space: SearchSpace, layers: Sequence[LayerInfo]) -> list[LayerChoices]:
+    """Each quantized layer's weight and activation choices (layers no rule covers stay float)."""
+    names = [i.name for i in layers]
+    _check_rules(space.weight_bits, names, "bits.weight")
+    _check_rules(space.act_bits, names, "bits.activation")
+    edges = set(first_last_names(list(layers)))
+    out = []
+    for name in names:
+        w = _lookup(space.weight_bits, name, name in edges)
+        a = _lookup(space.act_bits, name, name in edges)
+        if w is None and a is None:
+            continue
+        if w is None or a is None:
+            raise DfqError(
+                f"layer {name!r} has {'activation' if w is None else 'weight'} bits only",
+                name,
+                "weight and activation choices for every quantized layer",
+                "add a _default rule to both bits.weight and bits.activation",
+            )
+        out.append(LayerChoices(name, tuple(sorted(w)), tuple(sorted(a))))
+    if not out:
+        raise DfqError(
+            "search space quantizes no layer", space.source, "rules covering layers", "add _default"
+        )
+    return out
+
+
+class PlanSpace:
+    """Layer choices + budget for one model: plans from parameters, costs, repair, warm starts."""
+
+    def __init__(
+        self, space: SearchSpace, layers: Sequence[LayerInfo], sensitivity: Mapping | None = None
+    ) -> None:
+        self.space, self.budget = space, space.budget
+        self.layers = list(layers)
+        self.choices = layer_choices(space, layers)
+        self.sensitivity = {k: dict(v) for k, v in (sensitivity or {}).items()}
+        self.uniform_limit = self._uniform_limit()
+        self._check_reachable()
+
+    def cost(self, bits: Mapping[str, LayerBits]) -> dict[str, float]:
+        c = layer_costs(self.layers, dict(bits))
+        quantized = [x for x in c.layers if x.name in bits]
+        params = sum(x.params for x in quantized)
+        return {
+            "size_kib": c.size_bits / 8192,
+            "mbops": c.bops / 1e6,
+            "mean_weight_bits": sum(x.size_bits for x in quantized) / max(params, 1),
+        }
+
+    def excess(self, cost: Mapping[str, float]) -> float:
+        """How far over the budget (<= 0 within it), in the budget's unit."""
+        kind = self.budget.kind
+        if kind is None:
+            return 0.0
+        if kind == "uniform_weight_bits":
+            return cost["size_kib"] - self.uniform_limit
+        if kind == "uniform_bops":
+            return cost["mbops"] - self.uniform_limit
+        used = {"mean_weight_bits": "mean_weight_bits", "max_size_kib": "size_kib", "max_mbops": "mbops"}[
+            kind
+        ]
+        return cost[used] - getattr(self.budget, kind)
+
+    def _check_reachable(self) -> None:
+        least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
+        if self.excess(self.cost(least)) > 1e-9:
+            raise DfqError(
+                "impossible budget: even the smallest plan exceeds it",
+                self.budget,
+                f"the lowest bits of every layer cost {self.cost(least)}",
+                "raise the budget or allow fewer bits",
+            )
+
+    def bits_from_params(self, params: Mapping[str, Any]) -> dict[str, LayerBits]:
+        return {
+            c.name: LayerBits(
+                int(params.get(f"w:{c.name}", c.w[-1] if len(c.w) > 1 else c.w[0])),
+                int(params.get(f"a:{c.name}", c.a[-1] if len(c.a) > 1 else c.a[0])),
+            )
+            for c in self.choices
+        }
+
+    def _moves(self, bits: dict[str, LayerBits]) -> list[tuple[float, str, LayerBits]]:
+        info = {i.name: i for i in self.layers}
+        bops = self.budget.kind in ("max_mbops", "uniform_bops")
+        moves = []
+        for c in self.choices:
+            b = bits[c.name]
+            lower_w = [w for w in c.w if w < b.w]
+            if lower_w:
+                w = lower_w[-1]
+                saved = info[c.name].params * (b.w - w) * (b.a if bops else 1)
+                om = self.sensitivity.get(c.name, {})
+                harm = om[w] - om[b.w] if w in om and b.w in om else 1.0
+                moves.append((max(harm, 0.0) / saved - saved * 1e-18, c.name, LayerBits(w, b.a)))
+            lower_a = [a for a in c.a if a < b.a]
+            if bops and lower_a:
+                saved = info[c.name].macs * b.w * (b.a - lower_a[-1])
+                moves.append((1.0 / saved, c.name, LayerBits(b.w, lower_a[-1])))
+        return sorted(moves, key=lambda m: m[0])
+
+    def repair(self, bits: Mapping[str, LayerBits]) -> dict[str, LayerBits]:
+        """Lower bits, least harm per bit saved first, until the plan fits the budget."""
+        bits = dict(bits)
+        while self.excess(self.cost(bits)) > 1e-9:
+            moves = self._moves(bits)
+            if not moves:
+                break
+            _, name, new = moves[0]
+            bits[name] = new
+        return bits
+
+    def evaluate(self, params: Mapping[str, Any]) -> tuple[BitPlan, dict[str, float], bool]:
+        """The effective plan of sampled ``params``, its cost and whether it fits the budget."""
+        bits = self.bits_from_params(params)
+        if self.budget.repair:
+            bits = self.repair(bits)
+        cost = self.cost(bits)
+        plan = BitPlan({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
+        return plan, cost, self.excess(cost) <= 1e-9
+
+    def _uniform_limit(self) -> float:
+        """The size (KiB) or BOPs (M) of the uniform plan a ``uniform_*`` budget names (else 0)."""
+        from dfq_search.quant.plan import parse_bits
+
+        if self.budget.uniform_weight_bits:
+            return self.cost(self._uniform(self.budget.uniform_weight_bits, 8))["size_kib"]
+        if self.budget.uniform_bops:
+            bits = parse_bits(self.budget.uniform_bops)
+            return self.cost(self._uniform(bits.w, bits.a))["mbops"]
+        return 0.0
+
+    def _uniform(self, w: int, a: int) -> dict[str, LayerBits]:
+        return {c.name: LayerBits(_nearest(c.w, w), _nearest(c.a, a)) for c in self.choices}
+
+    def params_of(self, bits: Mapping[str, LayerBits]) -> dict[str, int]:
+        """The trial parameters that give ``bits`` (for warm starts)."""
+        out = {}
+        for c in self.choices:
+            if len(c.w) > 1:
+                out[f"w:{c.name}"] = bits[c.name].w
+            if len(c.a) > 1:
+                out[f"a:{c.name}"] = bits[c.name].a
+        return out
+
+    def uniform_bits(self) -> list[dict[str, LayerBits]]:
+        """Uniform plans that fit the budget, by common weight bits (highest fitting activations each);
+        layers that cannot take the bits keep their closest choice (e.g. a pinned first/last layer)."""
+        common = sorted({w for c in self.choices for w in c.w if len(c.w) > 1}, reverse=True)
+        acts = sorted({a for c in self.choices for a in c.a}, reverse=True)
+        out = []
+        for w in common:
+            for a in acts:
+                bits = self._uniform(w, a)
+                if self.excess(self.cost(bits)) <= 1e-9:
+                    out.append(bits)
+                    break
+        return out
+
+
+def _nearest(choices: tuple[int, ...], want: int) -> int:
+    return min(choices, key=lambda c: (abs(c - want), -c))
+
+
+class SpaceFunction:
+    """The define-by-run search space for ``OptunaSearch`` (a picklable callable of an Optuna trial)."""
+
+    def __init__(self, plans: PlanSpace, seed: int = 0) -> None:
+        self.plans, self.seed = plans, seed
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        params = {}
+        for c in self.plans.choices:
+            if len(c.w) > 1:
+                params[f"w:{c.name}"] = trial.suggest_categorical(f"w:{c.name}", list(c.w))
+            if len(c.a) > 1:
+                params[f"a:{c.name}"] = trial.suggest_categorical(f"a:{c.name}", list(c.a))
+        constants: dict[str, Any] = {}
+        for knob in self.plans.space.knobs():
+            value = knob.suggest(trial)
+            if knob.fixed:
+                constants[knob.name] = value
+        plan, cost, feasible = self.plans.evaluate(params)
+        return {**constants, "plan": plan.to_dict(), "cost": cost, "feasible": feasible, "seed": self.seed}
+
+
+class BudgetConstraint:
+    """Optuna's ``constraints_func``: the budget excess of a finished trial's plan (<= 0 feasible)."""
+
+    def __init__(self, plans: PlanSpace) -> None:
+        self.plans = plans
+
+    def __call__(self, frozen_trial: Any) -> list[float]:
+        _, cost, _ = self.plans.evaluate(frozen_trial.params)
+        return [self.plans.excess(cost)]

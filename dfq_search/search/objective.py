@@ -1,0 +1,87 @@
+"""What a trial maximises: top-1 on the user's labelled validation images, or, with no data at all, a
+label-free fidelity to P on held-out synthetic samples (never the samples Q was calibrated on).
+
+Both hold P's outputs, computed once in the driver, and score a fraction of their images during a
+trial (``fraction``; evenly spaced) and all of them when the campaign re-evaluates its candidates.
+``score`` is the value maximised: top-1 (%), agreement with P (%), or −KL(P ‖ Q) in nats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfq_search.data.image_data import ImageData
+from dfq_search.errors import DfqError
+from dfq_search.evaluate import Evaluator
+from dfq_search.models.base import Preprocess
+
+
+def _take(n_total: int, fraction: float) -> int:
+    return max(1, min(n_total, math.ceil(n_total * fraction)))
+
+
+def _spaced(n_total: int, n: int) -> Tensor:
+    return torch.linspace(0, n_total - 1, n).round().long()
+
+
+class FidelityScorer:
+    """Agreement and KL(P ‖ Q) on held-out synthetic images (in P's input space)."""
+
+    def __init__(self, p: nn.Module, images: Tensor, metric: str = "kl", batch_size: int = 256) -> None:
+        if metric not in ("kl", "agreement"):
+            raise DfqError("label-free metric", metric, "kl or agreement", "top1 needs --val-data")
+        self.images, self.metric, self.batch_size = images.cpu(), metric, batch_size
+        self.ref = self._logits(p, self.images, next(p.parameters()).device)
+
+    @torch.inference_mode()
+    def _logits(self, model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
+        was = model.training
+        model.eval()
+        try:
+            out = [
+                model(images[i : i + self.batch_size].to(device)).float().cpu()
+                for i in range(0, len(images), self.batch_size)
+            ]
+        finally:
+            model.train(was)
+        return torch.cat(out)
+
+    def __call__(self, q: nn.Module, fraction: float = 1.0) -> dict[str, float]:
+        idx = _spaced(len(self.images), _take(len(self.images), fraction))
+        z = self._logits(q, self.images[idx], next(q.parameters()).device)
+        ref = self.ref[idx]
+        agree = 100.0 * (z.argmax(1) == ref.argmax(1)).float().mean().item()
+        kl = F.kl_div(F.log_softmax(z, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+        kl = float(kl)
+        score = agree if self.metric == "agreement" else -kl
+        return {"score": score, "agreement": agree, "kl": kl, "n_scored": len(idx)}
+
+
+class LabelledScorer:
+    """Top-1 (and agreement with P) on the user's labelled validation images."""
+
+    def __init__(self, p: nn.Module, data: ImageData, preprocess: Preprocess, batch_size: int = 128) -> None:
+        self.data, self.preprocess, self.batch_size = data, preprocess, batch_size
+        self.device = next(p.parameters()).device
+        self.full = Evaluator(data, preprocess, reference=p, batch_size=batch_size, device=self.device)
+        self.metric = "top1"
+
+    def __call__(self, q: nn.Module, fraction: float = 1.0) -> dict[str, float]:
+        n = _take(len(self.data), fraction)
+        ev = self.full
+        ev.device = self.device = next(q.parameters()).device  # a trial may run where the driver did not
+        if n < len(self.data):
+            idx = _spaced(len(self.data), n)
+            ev = Evaluator(
+                ImageData(self.data.images[idx], self.data.labels[idx], self.data.classes),
+                self.preprocess,
+                batch_size=self.batch_size,
+                device=self.device,
+            )
+            ev.reference_preds = self.full.reference_preds[idx]
+        r = ev(q)
+        return {"score": r.top1, "top1": r.top1, "agreement": r.agreement or 0.0, "n_scored": r.n}

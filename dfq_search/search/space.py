@@ -1,0 +1,328 @@
+"""Search-space files (``search_spaces/*.yaml``): typed, strictly validated, with close-match hints.
+
+A file has these sections (every one optional but ``bits``; see ``search_spaces/cifar_resnet20.yaml``
+for all the keys with comments):
+
+    model:     the model the space is written for (the CLI's --model/--weights override it)
+    bits:      per-layer choices: weight: {rule: [bits...]}, activation: {rule: [bits...]}; a rule is a
+               layer name, 're:<pattern>', '_first_last' (the layers reading the image and the last
+               one) or '_default'
+    budget:    one of mean_weight_bits, max_size_kib, max_mbops; repair (lower bits until it fits)
+    method:    kind (ptq, qat, ptq+qat), ptq: {...knobs}, qat: {...knobs}
+    samples:   where calibration and held-out samples come from
+    objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl), reports
+    search:    trials, sampler, seed, concurrency, warm_start
+    resources: trial_cpu, trial_gpu, worker_cpu, worker_gpu
+
+Every knob of ``method`` is fixed, a list of choices, or a {low, high} range (:mod:`.knobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
+from dfq_search.quant.quantizers import ALLOWED_BITS
+from dfq_search.search.knobs import Knob, number, one_of, parse_knob
+
+SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search", "resources")
+KINDS = ("ptq", "qat", "ptq+qat")
+SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp", "cmaes")
+SOURCES = ("direct", "gaussian", "bank")
+METRICS = ("auto", "top1", "agreement", "kl")
+WARM_STARTS = ("uniform", "sensitivity")
+BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
+SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+# name -> (check, default) of every knob of method.ptq and method.qat
+PTQ_KNOBS: dict[str, tuple[Any, Any]] = {
+    "modcap_k": (number("method.ptq.modcap_k", 0, 64, integer=True), 0),
+    "capacity": (one_of("method.ptq.capacity", ("data", "free")), "data"),
+    "iters": (number("method.ptq.iters", 1, 10**6, integer=True), 200),
+    "batch_size": (number("method.ptq.batch_size", 1, 4096, integer=True), 32),
+    "act_range": (one_of("method.ptq.act_range", ("minmax", "percentile", "mse")), "percentile"),
+    "qdrop": (number("method.ptq.qdrop", 0.0, 0.99), 0.0),
+    "lam": (number("method.ptq.lam", 0.0, 10.0), 0.01),
+}
+QAT_KNOBS: dict[str, tuple[Any, Any]] = {
+    "preset": (one_of("method.qat.preset", ("adadfq", "gdfq", "dsg", "adasg", "lrq")), "adadfq"),
+    "generator": (one_of("method.qat.generator", ("gdfq", "lrq")), "gdfq"),
+    "steps": (number("method.qat.steps", 1, 10**7, integer=True), 200),
+    "warmup": (number("method.qat.warmup", 0, 10**7, integer=True), 50),
+    "batch_size": (number("method.qat.batch_size", 1, 4096, integer=True), 32),
+    "q_lr": (number("method.qat.q_lr", 0.0, 1.0), 1e-4),
+    "lambda_l": (number("method.qat.lambda_l", 0.0, 1.0), 0.1),
+    "lambda_u": (number("method.qat.lambda_u", 0.0, 1.0), 0.8),
+    "disagree": (number("method.qat.disagree", 0.0, 100.0), 0.2),
+    "agree": (number("method.qat.agree", 0.0, 100.0), 0.1),
+    "bns": (number("method.qat.bns", 0.0, 100.0), 1.0),
+}
+
+
+def _section(data: Mapping, name: str, allowed: tuple[str, ...] | list[str]) -> dict:
+    value = data.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise DfqError(f"search space section {name!r}", value, "a mapping of keys to values", "fix the YAML")
+    refuse_unknown_keys(f"search space {name!r}", value, allowed)
+    return dict(value)
+
+
+def _bits_rules(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise DfqError(
+            where,
+            raw,
+            "a mapping of rules (layer, 're:...', _first_last, _default) to bit lists",
+            "e.g. {_default: [2, 3, 4], _first_last: [8]}",
+        )
+    check = one_of(f"{where} bits", ALLOWED_BITS)
+    return {str(k): parse_knob(f"{where}[{k}]", v, check).choices for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most one limit; ``repair`` lowers a sampled plan's bits until it fits (else it is refused).
+
+    uniform_weight_bits: the weight size of the uniform plan at these bits (every layer at its choice
+        nearest to them, e.g. pinned first/last layers at 8): "as small as uniform 3-bit".
+    mean_weight_bits: weight bits per parameter of the quantized layers.
+    max_size_kib: weight size in KiB; max_mbops: millions of bit operations (MACs x w bits x a bits).
+    """
+
+    uniform_weight_bits: int | None = None
+    uniform_bops: str | None = None
+    mean_weight_bits: float | None = None
+    max_size_kib: float | None = None
+    max_mbops: float | None = None
+    repair: bool = True
+
+    @property
+    def kind(self) -> str | None:
+        return next((k for k in BUDGETS if getattr(self, k) is not None), None)
+
+
+@dataclass(frozen=True)
+class Samples:
+    source: str = "direct"
+    bank: str | None = None  # a bank URI for source "bank" (from 'dfq-search generate')
+    calibration: int = 256
+    heldout: int = 256
+    iterations: int = 100  # direct optimisation steps per batch
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Objective:
+    mode: str = "accuracy"  # accuracy under the budget (ASHA), or pareto (accuracy vs size)
+    metric: str = "auto"  # auto: top1 with labelled validation data, else kl
+    reports: int = 3  # reports per trial (ASHA's rungs)
+    eval_fraction: float = 0.5  # part of the held-out set scored during trials; all of it at the end
+
+
+@dataclass(frozen=True)
+class Search:
+    trials: int = 12
+    sampler: str = "tpe"
+    seed: int = 0
+    concurrency: int = 2
+    warm_start: tuple[str, ...] = ("uniform", "sensitivity")
+    max_failures: int = 1  # retries of a trial that raised
+
+
+@dataclass(frozen=True)
+class Resources:
+    trial_cpu: float = 1.0
+    trial_gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    weight_bits: dict[str, tuple[int, ...]]
+    act_bits: dict[str, tuple[int, ...]]
+    model: ModelRef = ModelRef()
+    budget: Budget = Budget()
+    kind: Knob = field(default_factory=lambda: Knob("kind", ("ptq",)))
+    ptq: dict[str, Knob] = field(default_factory=dict)
+    qat: dict[str, Knob] = field(default_factory=dict)
+    samples: Samples = Samples()
+    objective: Objective = Objective()
+    search: Search = Search()
+    resources: Resources = Resources()
+    source: str = "<dict>"
+
+    def knobs(self) -> list[Knob]:
+        """The method knobs a trial suggests, in a fixed order (PTQ's only when a kind uses PTQ...)."""
+        kinds = self.kind.values()
+        out = [self.kind]
+        out += list(self.ptq.values()) if any("ptq" in k for k in kinds) else []
+        out += list(self.qat.values()) if any("qat" in k for k in kinds) else []
+        return out
+
+
+def _typed(cls: type, section: dict, name: str, checks: Mapping[str, Any]) -> Any:
+    for key, check in checks.items():
+        if key in section:
+            section[key] = check(section[key])
+    try:
+        return cls(**section)
+    except TypeError as err:
+        raise DfqError(f"search space {name!r}", section, str(err), "fix the section") from None
+
+
+def _uniform_bits(text: Any) -> str:
+    from dfq_search.quant.plan import parse_bits
+
+    if not isinstance(text, str):
+        raise DfqError("budget.uniform_bops", text, "a uniform plan written WxAy", "e.g. uniform_bops: W3A3")
+    parse_bits(text)
+    return text.upper()
+
+
+def _budget(section: dict) -> Budget:
+    limits = [k for k in BUDGETS if section.get(k) is not None]
+    if len(limits) > 1:
+        raise DfqError("search space budget", limits, f"at most one of {BUDGETS}", "keep one limit")
+    checks = {k: number(f"budget.{k}", 1e-9, 1e12) for k in BUDGETS}
+    checks["uniform_weight_bits"] = one_of("budget.uniform_weight_bits", ALLOWED_BITS)
+    checks["uniform_bops"] = _uniform_bits
+    checks["repair"] = one_of("budget.repair", (True, False))
+    return _typed(Budget, section, "budget", checks)
+
+
+def _method(section: dict) -> tuple[Knob, dict[str, Knob], dict[str, Knob]]:
+    kind = parse_knob("kind", section.get("kind", "ptq"), one_of("method.kind", KINDS))
+    knobs = []
+    for part, table in (("ptq", PTQ_KNOBS), ("qat", QAT_KNOBS)):
+        raw = section.get(part) or {}
+        if not isinstance(raw, Mapping):
+            raise DfqError(f"method.{part}", raw, "a mapping of knobs", "fix the YAML")
+        refuse_unknown_keys(f"method.{part}", raw, table)
+        knobs.append(
+            {
+                k: parse_knob(f"{part}.{k}", raw.get(k, default), check)
+                for k, (check, default) in table.items()
+            }
+        )
+    lo, hi = knobs[1]["lambda_l"].values(), knobs[1]["lambda_u"].values()
+    if max(lo) >= min(hi):
+        raise DfqError(
+            "method.qat lambda_l / lambda_u",
+            (list(lo), list(hi)),
+            "every lambda_l below every lambda_u, both in [0, 1]",
+            "e.g. lambda_l: {low: 0.0, high: 0.4}, lambda_u: {low: 0.6, high: 1.0}",
+        )
+    return kind, knobs[0], knobs[1]
+
+
+def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
+    """A validated :class:`SearchSpace` from the YAML mapping ``data``."""
+    if not isinstance(data, Mapping):
+        raise DfqError(
+            "search space", type(data).__name__, "a YAML mapping of sections", "see search_spaces/"
+        )
+    refuse_unknown_keys("search space section", data, SECTIONS)
+    bits = _section(data, "bits", ("weight", "activation"))
+    if "weight" not in bits or "activation" not in bits:
+        raise DfqError(
+            "search space bits",
+            bits,
+            "both weight and activation rules",
+            "add bits: {weight: {_default: [2, 3, 4]}, activation: {_default: [4]}}",
+        )
+    model = _section(data, "model", ("name", "weights", "num_classes"))
+    method = _section(data, "method", ("kind", "ptq", "qat"))
+    kind, ptq, qat = _method(method)
+    samples = _typed(
+        Samples,
+        _section(data, "samples", Samples.__dataclass_fields__),
+        "samples",
+        {
+            "source": one_of("samples.source", SOURCES),
+            "calibration": number("samples.calibration", 1, 10**6, integer=True),
+            "heldout": number("samples.heldout", 2, 10**6, integer=True),
+            "iterations": number("samples.iterations", 0, 10**5, integer=True),
+            "seed": number("samples.seed", 0, 2**31, integer=True),
+        },
+    )
+    if samples.source == "bank" and not samples.bank:
+        raise DfqError("samples.bank", None, "a bank URI when source is 'bank'", "add samples.bank: <path>")
+    objective = _typed(
+        Objective,
+        _section(data, "objective", Objective.__dataclass_fields__),
+        "objective",
+        {
+            "mode": one_of("objective.mode", ("accuracy", "pareto")),
+            "metric": one_of("objective.metric", METRICS),
+            "reports": number("objective.reports", 1, 100, integer=True),
+            "eval_fraction": number("objective.eval_fraction", 0.01, 1.0),
+        },
+    )
+    search = _section(data, "search", Search.__dataclass_fields__)
+    if search.get("sampler") is not None and search["sampler"] not in SAMPLERS:
+        raise unknown_name("sampler", str(search["sampler"]), SAMPLERS, "set search.sampler to one of them")
+    warm = search.get("warm_start", Search.warm_start)
+    for w in warm if isinstance(warm, list | tuple) else [warm]:
+        one_of("search.warm_start", WARM_STARTS)(w)
+    search["warm_start"] = tuple(warm if isinstance(warm, list | tuple) else [warm])
+    search = _typed(
+        Search,
+        search,
+        "search",
+        {
+            "trials": number("search.trials", 1, 10**6, integer=True),
+            "seed": number("search.seed", 0, 2**31, integer=True),
+            "concurrency": number("search.concurrency", 1, 4096, integer=True),
+            "max_failures": number("search.max_failures", 0, 100, integer=True),
+        },
+    )
+    resources = _typed(
+        Resources,
+        _section(data, "resources", Resources.__dataclass_fields__),
+        "resources",
+        {
+            "trial_cpu": number("resources.trial_cpu", 0.0, 1024),
+            "trial_gpu": number("resources.trial_gpu", 0.0, 64),
+        },
+    )
+    return SearchSpace(
+        _bits_rules(bits["weight"], "bits.weight"),
+        _bits_rules(bits["activation"], "bits.activation"),
+        _typed(ModelRef, model, "model", {}),
+        _budget(_section(data, "budget", (*BUDGETS, "repair"))),
+        kind,
+        ptq,
+        qat,
+        samples,
+        objective,
+        search,
+        resources,
+        source,
+    )
+
+
+def load_space(path_or_name: str | Path) -> SearchSpace:
+    """Read a search-space file, or a shipped one by name (``default``, ``cifar_resnet20``, ...)."""
+    path = Path(path_or_name)
+    if not path.is_file() and (SPACE_DIR / f"{path_or_name}.yaml").is_file():
+        path = SPACE_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SPACE_DIR.glob("*.yaml"))
+        raise unknown_name("search space", str(path_or_name), shipped, "pass a YAML file or a shipped name")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        msg = " ".join(str(err).split())
+        raise DfqError("search space is not valid YAML", str(path), msg, "fix the YAML") from None
+    return parse_space(data, str(path))

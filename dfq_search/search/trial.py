@@ -1,0 +1,195 @@
+"""One trial as plain Python: build Q from the trial's plan and settings, quantize it (PTQ, fine-tuning,
+or PTQ then fine-tuning) on the campaign's synthetic samples, and report the objective as it goes.
+
+``run_trial(config, ctx, report)`` is what Ray Tune runs in a worker (dfq_search.distributed.tune) and
+what the tests and the overhead benchmark run in-process. ``report(metrics, checkpoint_dir)`` is
+called ``ctx.reports`` times (the fidelities a scheduler can stop a trial at): intermediate reports
+score a fraction of the objective's images, the last one all of them, with the folder holding the
+quantized model (``model.pt``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfq_search.checkpoint import save_quantized
+from dfq_search.quant import PROTOCOLS, BitPlan
+
+Report = Callable[[dict[str, Any], Path | None], None]
+INFEASIBLE_SCORE = -1e3  # what an over-budget plan scores (it is never computed); TPE only ranks
+
+
+class TrialFailed(RuntimeError):
+    """A trial whose result cannot be used (a NaN objective); recorded as failed with this reason."""
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a campaign shares (shipped once through Ray's object store)."""
+
+    p: nn.Module
+    model_name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    calib: Tensor  # calibration images (P's input space)
+    scorer: Any  # FidelityScorer | LabelledScorer
+    reports: int = 3
+    eval_fraction: float = 0.5
+    device: str = "cpu"
+
+
+def knobs_of(config: dict[str, Any], part: str) -> dict[str, Any]:
+    """The ``part.`` knobs of a trial config, without the prefix."""
+    return {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(f"{part}.")}
+
+
+def _marks(total: int, levels: int) -> list[int]:
+    """``levels`` points spread over (0, total): where intermediate reports go."""
+    return [math.ceil(total * j / (levels + 1)) for j in range(1, levels + 1)]
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext, report: Report) -> dict[str, Any]:
+    """Run one trial (see the module docstring); returns its final metrics."""
+    return _Trial(config, ctx, report).run()
+
+
+class _Trial:
+    def __init__(self, config: dict[str, Any], ctx: TrialContext, report: Report) -> None:
+        self.config, self.ctx, self.report = config, ctx, report
+        self.plan = BitPlan(config["plan"])
+        self.kind = config.get("kind", "ptq")
+        self.base = {
+            **config.get("cost", {}),
+            "feasible": bool(config.get("feasible", True)),
+            "kind": self.kind,
+        }
+        self.start, self.level = time.perf_counter(), 0
+        self.extra: dict[str, float] = {}
+
+    def emit(self, q: nn.Module, final: bool = False) -> dict[str, Any]:
+        """Score ``q`` and report it (the final report comes with the checkpoint)."""
+        self.level += 1
+        fraction = 1.0 if final else self.ctx.eval_fraction
+        metrics = {
+            **self.base,
+            **self.ctx.scorer(q, fraction),
+            **self.extra,
+            "fidelity": self.level,
+            "seconds": time.perf_counter() - self.start,
+        }
+        if not math.isfinite(metrics["score"]):
+            raise TrialFailed(f"the objective is not finite ({metrics['score']}) at report {self.level}")
+        if not final:
+            self.report(metrics, None)
+        return metrics
+
+    def run(self) -> dict[str, Any]:
+        if not self.base["feasible"]:
+            metrics = {**self.base, "score": INFEASIBLE_SCORE, "fidelity": self.ctx.reports, "seconds": 0.0}
+            self.report(metrics, None)
+            return metrics
+        p = self.ctx.p.to(self.ctx.device).eval()
+        levels = self.ctx.reports - 1  # intermediate reports; the last one is the final
+        ptq_levels = levels if self.kind == "ptq" else levels // 2 if self.kind == "ptq+qat" else 0
+        q = self._ptq(p, ptq_levels) if "ptq" in self.kind else None
+        if "qat" in self.kind:
+            q = self._qat(p, q, levels - self.level)
+        while self.level < levels:  # fewer reconstruction groups than reports: repeat the figure
+            self.emit(q)
+        return self._final(q)
+
+    def _ptq(self, p: nn.Module, levels: int) -> nn.Module:
+        from dfq_search.ptq import PTQConfig, ReconConfig, run_ptq
+
+        k = knobs_of(self.config, "ptq")
+        recon = ReconConfig(
+            iters=int(k["iters"]),
+            batch_size=int(k["batch_size"]),
+            lam=float(k["lam"]),
+            qdrop=float(k["qdrop"]),
+            seed=int(self.config.get("seed", 0)),
+        )
+        cfg = PTQConfig(
+            act_range=k["act_range"], modcap_k=int(k["modcap_k"]), capacity=k["capacity"], recon=recon
+        )
+        start, marks = self.level, []
+
+        def progress(done: int, total: int, q: nn.Module) -> None:
+            nonlocal marks
+            marks = marks or _marks(total, levels)
+            if done in marks and done < total and self.level - start < levels:
+                self.emit(q)
+
+        batches = list(torch.split(self.ctx.calib, 64))
+        result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress)
+        self.extra = {"oscillation": result.oscillation, "rise": result.rise}
+        return result.model
+
+    def _qat(self, p: nn.Module, q: nn.Module | None, levels: int) -> nn.Module:
+        from dfq_search.qat import Game, load_config, start_q
+
+        k = knobs_of(self.config, "qat")
+        cfg = load_config(k["preset"], _game_overrides(k, int(self.config.get("seed", 0))))
+        if q is None:
+            q = start_q(
+                p,
+                self.plan,
+                self.ctx.input_shape,
+                PROTOCOLS["generative"].config,
+                "rtn",
+                device=self.ctx.device,
+            )
+        game = Game(p, q, cfg, self.ctx.input_shape, self.ctx.num_classes, self.ctx.device)
+        warmup, steps = cfg.train.warmup, cfg.train.iterations - cfg.train.warmup
+        for mark in _marks(steps, levels):
+            game.run(until=warmup + mark)
+            self.emit(game.q.eval())
+        game.run()
+        return game.q.eval()
+
+    def _final(self, q: nn.Module) -> dict[str, Any]:
+        metrics = self.emit(q, final=True)
+        config = PROTOCOLS["ptq" if "ptq" in self.kind else "generative"].config
+        with tempfile.TemporaryDirectory(prefix="dfq_trial_") as tmp:
+            save_quantized(
+                Path(tmp) / "model.pt", q, self.ctx.model_name, self.ctx.num_classes, self.plan, config
+            )
+            self.report(metrics, Path(tmp))
+        return metrics
+
+
+def _game_overrides(k: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The game config of a trial's ``qat.`` knobs (margin bounds and weights: AdaDFQ's terms)."""
+    out: dict[str, Any] = {
+        "source": {"name": k["generator"]},
+        "train": {
+            "iterations": int(k["steps"]) + int(k["warmup"]),
+            "warmup": int(k["warmup"]),
+            "batch_size": int(k["batch_size"]),
+            "q_lr": float(k["q_lr"]),
+            "seed": seed,
+            "log_every": 0,
+            "q_lr_milestones": [],
+        },
+    }
+    if k["preset"] == "adadfq":
+        out["sample_loss"] = {
+            "lambda_l": float(k["lambda_l"]),
+            "lambda_u": float(k["lambda_u"]),
+            "weights": {
+                "margin": 1.0,
+                "disagree": float(k["disagree"]),
+                "agree": float(k["agree"]),
+                "bns": float(k["bns"]),
+            },
+        }
+    return out
