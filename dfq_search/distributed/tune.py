@@ -118,6 +118,8 @@ def run_tuner(s: TuneSetup, storage: str, name: str, resume: bool) -> tune.Resul
         time_budget_s=s.time_budget_s,
         metric="score" if single else None,
         mode="max" if single else None,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
     )
     run_config = tune.RunConfig(
         name=name,
@@ -128,6 +130,10 @@ def run_tuner(s: TuneSetup, storage: str, name: str, resume: bool) -> tune.Resul
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
 
 
 def load_results(path: Path) -> tune.ResultGrid:

@@ -1,0 +1,108 @@
+"""The campaign on a local Ray, end to end through the CLI (subprocesses: each run starts its own Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dfq_search.search.results import STATUSES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "dfq_search.cli", *argv]
+
+
+def env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "DFQ_SEARCH_CACHE": str(cache), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
+    argv = cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--num-cpus", "2")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "Traceback" not in proc.stderr
+    run = tmp_path / "tiny_resnet-tiny_smoke"
+    rows = pq.read_table(run / "results.parquet").to_pylist()
+    assert len(rows) == 3 and {r["status"] for r in rows} <= set(STATUSES)
+    assert all(len(json.loads(r["reports"])) >= 1 for r in rows)
+    for name in ("pareto.png", "best_model.pt", "summary.json", "sensitivity.json", "campaign.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+    from dfq_search.checkpoint import load_quantized
+    from dfq_search.models import create_model
+    from dfq_search.quant import BitPlan, trace_layers
+    from dfq_search.search.define import PlanSpace
+    from dfq_search.search.space import load_space
+
+    plan = BitPlan(yaml.safe_load((run / "best_plan.yaml").read_text()))
+    bundle = create_model("tiny_resnet")
+    layers = trace_layers(bundle.model, bundle.preprocess.example_input())
+    plans = PlanSpace(load_space("tiny_smoke"), layers)
+    assert plans.excess(plans.cost(plan.resolve([i.name for i in layers]))) <= 1e-9  # the best fits
+    _, meta = load_quantized(run / "best_model.pt")
+    assert meta["plan"] == plan
+
+    summary = json.loads((run / "summary.json").read_text())
+    again = subprocess.run(cli("report", str(run)), capture_output=True, text=True,
+                           env=env(shared_cache), timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert summary["best"]["trial"] in again.stdout.split("best:")[1]
+
+
+def _finished(run: Path) -> dict[str, bytes]:
+    """result.json of every trial that saved its final checkpoint."""
+    done = [d for d in run.glob("trial_*") if list(d.glob("checkpoint_*"))]
+    return {d.name: (d / "result.json").read_bytes() for d in done}
+
+
+def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache):
+    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
+    space["method"]["ptq"]["iters"] = 300  # trials of a few seconds, so the kill lands mid-campaign
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(space))
+    argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--trials", "5", "--num-cpus", "2")
+    run = tmp_path / "tiny_resnet-slow"
+    proc = subprocess.Popen(argv, env=env(shared_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_finished(run)) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    before = _finished(run)
+    assert 2 <= len(before) < 5, "the kill must land after two finished trials and before the end"
+
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env(shared_cache),
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = pq.read_table(run / "results.parquet").to_pylist()
+    assert len(rows) == 5 and len({r["trial"] for r in rows}) == 5
+    assert all(r["status"] in ("complete", "stopped") for r in rows)
+    after = _finished(run)
+    for name, content in before.items():
+        assert after[name] == content, f"{name} was rerun"
+
+
+def test_run_refuses_an_existing_campaign_without_resume(tmp_path, shared_cache):
+    (tmp_path / "tiny_resnet-tiny_smoke").mkdir()
+    (tmp_path / "tiny_resnet-tiny_smoke" / "campaign.json").write_text("{}")
+    proc = subprocess.run(cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path)),
+                          capture_output=True, text=True, env=env(shared_cache), timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "tiny_resnet-tiny_smoke" / "campaign.json").read_text() == "{}"  # untouched
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
