@@ -27,6 +27,7 @@ import torch
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle, create_model
 from dfq_search.quant import LayerBits, trace_layers
+from dfq_search.quant.cost import FLOAT_BITS
 from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction
 from dfq_search.search.objective import FidelityScorer, LabelledScorer
 from dfq_search.search.results import (
@@ -67,6 +68,8 @@ class CampaignOptions:
     test_data: Path | None = None
     device: str = "cpu"
     num_cpus: int | None = None
+    val_images: Any = None  # an ImageData instead of val_data (e.g. half of a test set, in a benchmark)
+    test_images: Any = None  # an ImageData instead of test_data
 
     @property
     def model_name(self) -> str:
@@ -127,6 +130,8 @@ def check_storage(run_dir: Path, resume: bool) -> None:
 
 def _test_data(opts: CampaignOptions, bundle: ModelBundle):
     """Images the campaign reports on but never optimises on (digits_cnn: its held-out split)."""
+    if opts.test_images is not None:
+        return opts.test_images
     if opts.test_data is not None:
         from dfq_search.data.folder import load_image_folder
 
@@ -193,9 +198,10 @@ def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:
         return None
     params = {i.name: i.params for i in plans.layers}
     total = sum(params[c.name] for c in plans.choices)
+    float_bits = FLOAT_BITS * (sum(params.values()) - total)  # layers left in float count in the size
     limit_bits = {
-        "uniform_weight_bits": plans.uniform_limit * 8192,
-        "max_size_kib": (plans.budget.max_size_kib or 0) * 8192,
+        "uniform_weight_bits": plans.uniform_limit * 8192 - float_bits,
+        "max_size_kib": (plans.budget.max_size_kib or 0) * 8192 - float_bits,
         "mean_weight_bits": (plans.budget.mean_weight_bits or 0) * total,
     }[kind]
     sens = {c.name: {w: plans.sensitivity.get(c.name, {}).get(w, 0.0) for w in c.w} for c in plans.choices}
@@ -231,7 +237,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
     layers = trace_layers(bundle.model, example)
     PlanSpace(space, layers)  # refuses rules naming missing layers or an impossible budget, before compute
     _check_modcap(space, bundle, example)
-    val = None
+    val = opts.val_images
     if opts.val_data is not None:
         from dfq_search.data.folder import load_image_folder
 

@@ -1,0 +1,172 @@
+"""Mixed-precision search on ResNet-20 (PTQ path): the best plan of a campaign against the uniform plan
+and the sensitivity-DP plan of the same weight size, TPE against random sampling at equal trial counts,
+and how well the label-free objective ranks plans (Kendall τ against real accuracy).
+
+The campaign optimises top-1 on one half of the 10,000 CIFAR-10 test images (even indices: half A);
+every accuracy reported here is on the other half (odd indices: half B), never seen by the search.
+Budgets: the weight size of uniform b-bit weights (first/last layers at 8 bits, activations at 4).
+The uniform and DP plans run as the campaign's first (warm-start) trials, with the same settings
+(samples, reconstruction) as every searched plan. Campaigns live under --storage and are reused
+when rerun, so the table can be built over several runs (rows, budgets, samplers, seeds by flags):
+
+    python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe random --trials 24
+    python benchmarks/search_mixed_precision.py --budgets 4 --samplers tpe
+
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CIFAR_TEST, CIFAR_WEIGHTS, emit, shared
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", type=int, nargs="+", default=[3, 4], help="uniform weight bits of the budget")
+    p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
+    p.add_argument("--trials", type=int, default=24)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds")
+    p.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit")
+    p.add_argument("--calibration", type=int, default=512, help="synthetic calibration images")
+    p.add_argument("--modcap-k", type=int, default=0, help="fixed ModCap k of every plan (0: BRECQ)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
+    p.add_argument("--model", default="cifar_resnet20")
+    return p.parse_args()
+
+
+def halves(data):
+    """Even and odd images of the class-sorted test folder: two stratified halves."""
+    from dfq_search.data.image_data import ImageData
+
+    def take(idx):
+        return ImageData(data.images[idx], data.labels[idx], data.classes)
+
+    n = len(data.labels)
+    import torch
+
+    return take(torch.arange(0, n, 2)), take(torch.arange(1, n, 2))
+
+
+def space_for(args, budget: int, sampler: str, seed: int):
+    import yaml
+
+    from dfq_search.search.space import SPACE_DIR, parse_space
+
+    raw = yaml.safe_load((SPACE_DIR / "cifar_resnet20.yaml").read_text())
+    raw["budget"] = {"uniform_weight_bits": budget, "repair": True}
+    raw["method"] = {"kind": "ptq", "ptq": {**raw["method"]["ptq"], "modcap_k": args.modcap_k,
+                                            "capacity": "data", "iters": args.iters}}  # fmt: skip
+    raw["samples"]["calibration"] = args.calibration
+    raw["search"] |= {"trials": args.trials, "sampler": sampler, "seed": seed,
+                      "concurrency": args.concurrency}  # fmt: skip
+    raw["objective"] |= {"metric": "top1"}
+    return parse_space(raw, f"cifar_resnet20-w{budget}-{sampler}-s{seed}")
+
+
+def kendall_tau(xs: list[float], ys: list[float]) -> float:
+    """Kendall's τ-b of two equally long lists (ties counted in neither pair class)."""
+    con = dis = tx = ty = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            dx, dy = xs[i] - xs[j], ys[i] - ys[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif (dx > 0) == (dy > 0):
+                con += 1
+            else:
+                dis += 1
+    denom = ((con + dis + tx) * (con + dis + ty)) ** 0.5
+    return (con - dis) / denom if denom else float("nan")
+
+
+def label_free_tau(result, bundle, heldout) -> tuple[float, int]:
+    """τ between −KL(P‖Q) on held-out synthetic images and half-B top-1, over the complete trials."""
+    from dfq_search.checkpoint import load_quantized
+    from dfq_search.search.objective import FidelityScorer
+    from dfq_search.search.results import candidates
+
+    scorer = FidelityScorer(bundle.model, heldout, "kl")
+    rows = [r for r in candidates(result.rows) if r.get("test_top1") is not None]
+    kl = [scorer(load_quantized(Path(r["checkpoint"]) / "model.pt")[0])["score"] for r in rows]
+    return kendall_tau(kl, [r["test_top1"] for r in rows]), len(rows)
+
+
+def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> dict:
+    from dfq_search.search.campaign import CampaignOptions, run_campaign
+    from dfq_search.search.samples import campaign_samples
+
+    space = space_for(args, budget, sampler, seed)
+    weights = str(shared(CIFAR_WEIGHTS[args.model]))
+    opts = CampaignOptions(space, args.model, weights, storage=args.storage, name=Path(space.source).name,
+                           resume=True, val_images=half_a, test_images=half_b)  # fmt: skip
+    start = time.perf_counter()
+    result = run_campaign(opts, lambda line: print(line, flush=True))
+    _score_all_on_half_b(result, bundle, half_b)
+    named = {k: r.get("test_top1") for k, r in result.marks.items()}
+    uniform = next((v for k, v in named.items() if k.startswith("uniform") and str(budget) in k), None)
+    best = result.best or {}
+    tau, n_tau = label_free_tau(result, bundle, campaign_samples(bundle, space.samples).heldout)
+    return {"budget": f"w{budget}", "sampler": sampler, "seed": seed, "trials": len(result.rows),
+            "uniform_top1_B": uniform, "dp_top1_B": named.get("sensitivity-dp"),
+            "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
+            "best_size_kib": best.get("size_kib"), "best_kind": best.get("plan"),
+            "kendall_tau_label_free": tau, "tau_trials": n_tau,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _score_all_on_half_b(result, bundle, half_b) -> None:
+    """Half-B top-1 of every complete trial (for τ and the table); the front ones already have it."""
+    from dfq_search.search.campaign import _score_on_test
+    from dfq_search.search.results import candidates
+
+    missing = [r for r in candidates(result.rows) if r.get("test_top1") is None]
+    if missing:
+        _score_on_test(missing, half_b, bundle)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from dfq_search.data.folder import load_image_folder
+    from dfq_search.evaluate import Evaluator
+    from dfq_search.models import create_model
+
+    bundle = create_model(args.model, shared(CIFAR_WEIGHTS[args.model]))
+    half_a, half_b = halves(load_image_folder(shared(CIFAR_TEST), bundle.preprocess))
+    fp_b = Evaluator(half_b, bundle.preprocess).__call__(bundle.model).top1
+    rows = [run(args, b, s, seed, bundle, half_a, half_b)
+            for b in args.budgets for s in args.samplers for seed in args.seeds]  # fmt: skip
+    from dfq_search.report import format_table
+
+    table = [{k: v for k, v in r.items() if k != "best_kind"} for r in rows]
+    print(f"\nFP top-1 on half B: {fp_b:.2f}")
+    print(format_table(table))
+    emit(
+        {
+            "model": args.model,
+            "fp_top1_B": fp_b,
+            "rows": table,
+            "args": json.loads(json.dumps(vars(args), default=str)),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
