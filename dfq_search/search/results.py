@@ -113,7 +113,8 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(list(rows))
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist keeps the first row's only
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 

@@ -1,0 +1,134 @@
+"""The campaign's pure helpers: warm starts, the sensitivity DP plan, and the storage check."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from dfq_search.errors import DfqError
+from dfq_search.quant import LayerBits
+from dfq_search.search import campaign
+from dfq_search.search.campaign import check_storage, dp_plan, warm_starts
+from dfq_search.search.define import PlanSpace
+from dfq_search.search.space import load_space, parse_space
+
+SENSITIVITY = {
+    "features.0.0": {2: 9.0, 4: 2.0, 8: 0.0},
+    "features.1.0": {2: 1.5, 4: 0.4, 8: 0.0},
+    "features.2.0": {2: 0.9, 4: 0.5, 8: 0.0},
+    "head.2": {2: 4.0, 4: 0.3, 8: 0.0},
+}
+
+
+def _plans(layers, budget, weight=None, activation=None, sensitivity=SENSITIVITY):
+    space = parse_space(
+        {
+            "bits": {
+                "weight": weight or {"_default": [2, 4, 8]},
+                "activation": activation or {"_default": [8]},
+            },
+            "budget": budget,
+        }
+    )
+    return PlanSpace(space, layers, sensitivity)
+
+
+def _brute_force(plans: PlanSpace) -> float:
+    best = float("inf")
+    for ws in itertools.product(*(c.w for c in plans.choices)):
+        bits = {c.name: LayerBits(w, c.a[-1]) for c, w in zip(plans.choices, ws, strict=True)}
+        if plans.excess(plans.cost(bits)) <= 1e-9:
+            best = min(best, sum(SENSITIVITY[n][b.w] for n, b in bits.items()))
+    return best
+
+
+@pytest.mark.parametrize(
+    ("budget", "weight", "activation"),
+    [
+        ({"max_size_kib": 3.0}, None, None),
+        ({"max_size_kib": 1.9}, None, None),
+        ({"mean_weight_bits": 4.5}, None, None),
+        ({"uniform_weight_bits": 4}, None, None),
+        ({"uniform_weight_bits": 4}, {"_default": [2, 4, 8], "head.2": [8]}, None),
+        # layers no rule covers stay float: their 32 bits are part of the size the budget limits
+        ({"max_size_kib": 3.0}, {"re:features.*": [2, 4, 8]}, {"re:features.*": [8]}),
+        ({"uniform_weight_bits": 2}, {"re:features.*": [2, 4, 8]}, {"re:features.*": [8]}),
+    ],
+)
+def test_dp_plan_is_the_best_plan_under_the_budget(budget, weight, activation, layers_of):
+    plans = _plans(layers_of("tiny_cnn"), budget, weight, activation)
+    dp = dp_plan(plans)
+    assert dp is not None and set(dp) == {c.name for c in plans.choices}
+    assert plans.excess(plans.cost(dp)) <= 1e-9
+    assert all(b.a == 8 for b in dp.values())
+    assert sum(SENSITIVITY[n][b.w] for n, b in dp.items()) == pytest.approx(_brute_force(plans))
+
+
+def test_no_dp_plan_without_sensitivity_or_under_a_bops_budget(layers_of):
+    layers = layers_of("tiny_cnn")
+    assert dp_plan(_plans(layers, {"max_size_kib": 3.0}, sensitivity=None)) is None
+    assert dp_plan(_plans(layers, {"max_mbops": 10.0})) is None
+    assert dp_plan(_plans(layers, {"uniform_bops": "W4A8"})) is None
+    assert dp_plan(_plans(layers, {})) is None
+
+
+def test_warm_starts_are_uniform_plans_that_fit_and_the_dp_plan(layers_of):
+    layers = layers_of("tiny_resnet")
+    plans = PlanSpace(load_space("tiny_smoke"), layers)
+    starts = warm_starts(plans)
+    assert list(starts) == ["uniform-w4/8", "uniform-w2/8"]  # first and last pinned at 8
+    assert all(plans.excess(plans.cost(b)) <= 1e-9 for b in starts.values())
+    assert {b.w for b in starts["uniform-w2/8"].values()} == {2, 8}
+
+    sensitivity = {
+        c.name: {w: (8 - w) * (1 + i) for w in c.w} for i, c in enumerate(plans.choices)
+    }  # later layers more sensitive
+    budget = {"mean_weight_bits": 4.0}
+    space = parse_space(
+        {"bits": {"weight": {"_default": [2, 4, 8]}, "activation": {"_default": [4, 8]}}, "budget": budget}
+    )
+    plans = PlanSpace(space, layers, sensitivity)
+    starts = warm_starts(plans)
+    assert set(starts) == {"uniform-w4", "uniform-w2", "sensitivity-dp"}
+    assert all(plans.excess(plans.cost(b)) <= 1e-9 for b in starts.values())
+    assert starts["uniform-w4"] == {c.name: LayerBits(4, 8) for c in plans.choices}
+
+
+def test_check_storage_makes_the_folder_and_leaves_no_probe(tmp_path):
+    run_dir = tmp_path / "runs" / "new"
+    check_storage(run_dir, resume=False)
+    assert run_dir.is_dir() and list(run_dir.iterdir()) == []
+
+
+def test_check_storage_refuses_an_existing_campaign_unless_resumed(tmp_path):
+    (tmp_path / "campaign.json").write_text("{}")
+    with pytest.raises(DfqError, match="a campaign already exists.*--resume"):
+        check_storage(tmp_path, resume=False)
+    assert (tmp_path / "campaign.json").read_text() == "{}"
+    check_storage(tmp_path, resume=True)
+
+
+def test_check_storage_refuses_a_path_it_cannot_write(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DfqError, match="storage path is not writable"):
+        check_storage(tmp_path / "file" / "run", resume=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_storage_refuses_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(DfqError, match=r"storage path is not writable: got '.*locked'"):
+            check_storage(locked, resume=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_check_storage_refuses_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "MIN_FREE_BYTES", 2**62)
+    with pytest.raises(DfqError, match="not enough free disk space"):
+        check_storage(tmp_path, resume=False)

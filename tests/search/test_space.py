@@ -1,0 +1,229 @@
+"""Search-space files: the shipped ones resolve against their models; every mistake is a clear DfqError."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from dfq_search.errors import DfqError
+from dfq_search.models import create_model
+from dfq_search.quant import trace_layers
+from dfq_search.search.campaign import _check_modcap
+from dfq_search.search.define import PlanSpace
+from dfq_search.search.space import PTQ_KNOBS, SPACE_DIR, load_space, parse_space
+
+SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
+BASE = {"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}}}
+
+
+def _space(**sections):
+    data = copy.deepcopy(BASE)
+    data.update(copy.deepcopy(sections))
+    return parse_space(data)
+
+
+def _refused(match: str, **sections) -> DfqError:
+    with pytest.raises(DfqError) as info:
+        _space(**sections)
+    assert re.search(match, str(info.value)), str(info.value)
+    return info.value
+
+
+def _raw(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((SPACE_DIR / f"{name}.yaml").read_text())
+
+
+def test_the_documented_spaces_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {"default", "cifar_resnet20", "tiny_smoke"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_space_resolves_against_its_model(path, shared_cache, monkeypatch):
+    monkeypatch.setenv("DFQ_SEARCH_CACHE", str(shared_cache))  # default.yaml's digits_cnn trains once
+    space = load_space(path)
+    assert load_space(path.stem) == space  # by shipped name too
+    assert space.source == str(path)
+    bundle = create_model(space.model.name)
+    example = bundle.preprocess.example_input()
+    plans = PlanSpace(space, trace_layers(bundle.model, example))
+    assert plans.choices
+    _check_modcap(space, bundle, example)
+    assert plans.uniform_bits(), "no uniform plan fits the shipped budget"
+
+
+def test_modcap_k_larger_than_the_model_allows_is_refused_before_compute():
+    space = load_space("tiny_smoke")
+    bundle = create_model("tiny_resnet")
+    bad = parse_space({**_raw("tiny_smoke"), "method": {"kind": "ptq", "ptq": {"modcap_k": [0, 2]}}})
+    example = bundle.preprocess.example_input()
+    _check_modcap(space, bundle, example)
+    with pytest.raises(DfqError, match=r"modcap_k too large for tiny_resnet.*\[0, 2\]"):
+        _check_modcap(bad, bundle, example)
+    qat_only = parse_space({**_raw("tiny_smoke"), "method": {"kind": "qat", "ptq": {"modcap_k": [0, 2]}}})
+    _check_modcap(qat_only, bundle, example)  # no PTQ, nothing to check
+
+
+def test_defaults_and_knob_order():
+    space = _space()
+    assert space.budget.kind is None and space.budget.repair
+    assert space.search.warm_start == ("uniform", "sensitivity")
+    names = [k.name for k in space.knobs()]
+    assert names == ["kind", *(f"ptq.{k}" for k in PTQ_KNOBS)]  # kind ptq: no qat knob is searched
+    assert all(k.fixed for k in space.knobs())
+    assert space.ptq["modcap_k"].value == PTQ_KNOBS["modcap_k"][1]
+    both = _space(method={"kind": ["ptq", "qat"]})
+    assert [k.name for k in both.knobs()][-1] == "qat.bns"
+    assert not both.kind.fixed
+    qat = _space(method={"kind": "qat"})
+    assert not any(k.name.startswith("ptq.") for k in qat.knobs())
+
+
+def test_numbers_written_as_yaml_strings_are_read_as_numbers():
+    space = _space(method={"qat": {"q_lr": "1e-3"}, "kind": "qat"})
+    assert space.qat["q_lr"].value == pytest.approx(1e-3)
+    space = _space(search={"warm_start": "uniform"})
+    assert space.search.warm_start == ("uniform",)
+
+
+@pytest.mark.parametrize(
+    ("sections", "bad", "hint"),
+    [
+        ({"budgett": {"max_size_kib": 3}}, "budgett", "budget"),
+        ({"budget": {"max_size_kb": 3}}, "max_size_kb", "max_size_kib"),
+        ({"method": {"ptq": {"modcap_kk": 1}}}, "modcap_kk", "modcap_k"),
+        ({"method": {"qat": {"lamda_u": 0.9}}}, "lamda_u", "lambda_u"),
+        ({"method": {"knd": "ptq"}}, "knd", "kind"),
+        ({"samples": {"calibraton": 3}}, "calibraton", "calibration"),
+        ({"objective": {"metrc": "kl"}}, "metrc", "metric"),
+        ({"search": {"trails": 3}}, "trails", "trials"),
+        ({"resources": {"trial_cpus": 1}}, "trial_cpus", "trial_cpu"),
+        ({"model": {"nam": "tiny_cnn"}}, "nam", "name"),
+        ({"method": {"qat": {"q_lr": {"low": 0.0, "hi": 1.0}}}}, "hi", "high"),
+    ],
+)
+def test_unknown_keys_are_refused_with_a_suggestion(sections, bad, hint):
+    err = _refused(f"got '{bad}'", **sections)
+    assert f"did you mean '{hint}'" in str(err)
+
+
+def test_unknown_bits_key_and_missing_rules():
+    with pytest.raises(DfqError, match="did you mean 'weight'"):
+        parse_space({"bits": {"weights": {"_default": [2]}, "activation": {"_default": [8]}}})
+    with pytest.raises(DfqError, match="both weight and activation"):
+        parse_space({"bits": {"weight": {"_default": [2]}}})
+    with pytest.raises(DfqError, match="a mapping of rules"):
+        parse_space({"bits": {"weight": [2, 4], "activation": {"_default": [8]}}})
+    with pytest.raises(DfqError, match="YAML mapping"):
+        parse_space([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("part", "bits", "bad"),
+    [("weight", [2, 7], "7"), ("weight", 1, "1"), ("activation", [16], "16"), ("weight", [True], "True")],
+)
+def test_bits_outside_the_allowed_widths_are_refused(part, bits, bad):
+    data = copy.deepcopy(BASE)
+    data["bits"][part]["_default"] = bits
+    with pytest.raises(DfqError, match=rf"bits\.{part} bits: got {bad}; one of \[2, 3, 4, 5, 6, 8\]"):
+        parse_space(data)
+
+
+def test_repeated_and_empty_choices_are_refused():
+    data = copy.deepcopy(BASE)
+    data["bits"]["weight"]["_default"] = [2, 4, 2]
+    with pytest.raises(DfqError, match=r"got \[2, 4, 2\]; distinct values"):
+        parse_space(data)
+    data["bits"]["weight"]["_default"] = []
+    with pytest.raises(DfqError, match="at least one value"):
+        parse_space(data)
+    _refused(
+        r"choices of 'ptq.act_range': got \['mse', 'mse'\]", method={"ptq": {"act_range": ["mse", "mse"]}}
+    )
+    _refused(r"choices of 'ptq.act_range': got \[\]", method={"ptq": {"act_range": []}})
+
+
+def test_bad_ranges_are_refused():
+    _refused(
+        r"range of 'qat.q_lr'.*'low': 0.001.*low <= high",
+        method={"qat": {"q_lr": {"low": 1e-3, "high": 1e-4}}},
+    )
+    _refused(
+        r"log range of 'qat.q_lr'.*low > 0",
+        method={"qat": {"q_lr": {"low": 0.0, "high": 1e-4, "log": True}}},
+    )
+    _refused(r"range of 'qat.q_lr'.*low and high", method={"qat": {"q_lr": {"low": 0.0}}})
+    _refused(r"method.qat.q_lr: got 2.0", method={"qat": {"q_lr": {"low": 0.0, "high": 2.0}}})
+    _refused(r"method.ptq.act_range: got 1", method={"ptq": {"act_range": {"low": 1, "high": 2}}})
+    _refused(r"method.ptq.iters: got 2.5; an int", method={"ptq": {"iters": 2.5}})
+    _refused(r"method.ptq.modcap_k: got 65", method={"ptq": {"modcap_k": 65}})
+
+
+def test_lambda_ranges_must_not_overlap():
+    err = _refused(
+        r"lambda_l / lambda_u.*\[0.0, 0.7\], \[0.6, 1.0\]",
+        method={"qat": {"lambda_l": {"low": 0.0, "high": 0.7}, "lambda_u": {"low": 0.6, "high": 1.0}}},
+    )
+    assert "Fix:" in str(err)
+    _refused("lambda_l / lambda_u", method={"qat": {"lambda_l": 0.5, "lambda_u": [0.5, 0.9]}})
+    ok = _space(
+        method={"qat": {"lambda_l": {"low": 0.0, "high": 0.4}, "lambda_u": {"low": 0.6, "high": 1.0}}}
+    )
+    assert ok.qat["lambda_l"].values() == (0.0, 0.4)
+
+
+def test_budget_checks():
+    _refused(
+        r"got \['mean_weight_bits', 'max_size_kib'\]; at most one",
+        budget={"max_size_kib": 3, "mean_weight_bits": 3},
+    )
+    _refused(r"budget.uniform_weight_bits: got 7", budget={"uniform_weight_bits": 7})
+    _refused(r"got 'W3'; the form WxAy", budget={"uniform_bops": "W3"})
+    _refused(r"budget.repair: got 'yes'", budget={"repair": "yes"})
+    _refused(r"budget.max_size_kib: got -1", budget={"max_size_kib": -1})
+    assert _space(budget={"uniform_bops": "w3a2"}).budget.uniform_bops == "W3A2"
+    assert _space(budget={"max_mbops": 5, "repair": False}).budget.kind == "max_mbops"
+
+
+def test_search_and_samples_checks():
+    err = _refused(r"unknown sampler \(did you mean 'tpe'\?\): got 'tpee'", search={"sampler": "tpee"})
+    assert "nsga2" in str(err)
+    _refused(
+        r"search.warm_start: got 'sensitivty'.*'sensitivity'",
+        search={"warm_start": ["uniform", "sensitivty"]},
+    )
+    _refused(r"samples.bank: got None; a bank URI", samples={"source": "bank"})
+    assert _space(samples={"source": "bank", "bank": "/tmp/b"}).samples.bank == "/tmp/b"
+    _refused(r"samples.source: got 'gauss'", samples={"source": "gauss"})
+    _refused(r"method.kind: got 'qta'", method={"kind": "qta"})
+    _refused(r"objective.reports: got 0", objective={"reports": 0})
+    _refused(r"section 'search': got \[1\]", search=[1])
+
+
+def test_a_malformed_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("bits:\n  weight: {_default: [2, 4]\n  activation: x\n")
+    with pytest.raises(DfqError, match=rf"not valid YAML: got '{re.escape(str(path))}'"):
+        load_space(path)
+
+
+def test_a_space_file_is_read(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "bits:\n  weight: {_default: [2, 4]}\n  activation: {_default: [8]}\nbudget: {max_size_kib: 2}\n"
+    )
+    space = load_space(path)
+    assert space.weight_bits == {"_default": (2, 4)} and space.budget.max_size_kib == 2
+    assert space.source == str(path)
+
+
+def test_an_unknown_shipped_name_lists_the_shipped_ones():
+    with pytest.raises(DfqError) as info:
+        load_space("tiny_smok")
+    msg = str(info.value)
+    assert "did you mean 'tiny_smoke'" in msg
+    for path in SHIPPED:
+        assert path.stem in msg

@@ -1,0 +1,158 @@
+"""One trial in-process (no Ray): its reports, its checkpoint, infeasible plans and failures."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from dfq_search.checkpoint import load_quantized
+from dfq_search.models import create_model
+from dfq_search.quant import trace_layers
+from dfq_search.search.define import PlanSpace, SpaceFunction
+from dfq_search.search.objective import FidelityScorer
+from dfq_search.search.space import SPACE_DIR, parse_space
+from dfq_search.search.trial import INFEASIBLE_SCORE, TrialContext, TrialFailed, _marks, knobs_of, run_trial
+
+QAT = {"steps": 4, "warmup": 2, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny(with_running_stats):
+    bundle = create_model("tiny_resnet")
+    with_running_stats(bundle.model, bundle.preprocess.shape)
+    with torch.no_grad():
+        bundle.model.head[-1].weight.mul_(20.0)  # confident logits: quantization shows in the KL
+    return bundle
+
+
+def _ctx(tiny, reports=3, scorer=None):
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randn(32, *tiny.preprocess.shape, generator=gen)
+    heldout = torch.randn(24, *tiny.preprocess.shape, generator=gen)
+    return TrialContext(
+        tiny.model,
+        "tiny_resnet",
+        tiny.num_classes,
+        tiny.preprocess.shape,
+        calib,
+        scorer or FidelityScorer(tiny.model, heldout),
+        reports=reports,
+        eval_fraction=0.5,
+    )
+
+
+def _config(tiny, kind="ptq", seed=0, **budget):
+    raw = yaml.safe_load((SPACE_DIR / "tiny_smoke.yaml").read_text())
+    raw["method"]["kind"] = kind
+    raw["method"]["qat"] = QAT
+    if budget:
+        raw["budget"] = budget
+    layers = trace_layers(tiny.model, tiny.preprocess.example_input())
+    fn = SpaceFunction(PlanSpace(parse_space(raw), layers), seed=seed)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    out = fn(trial)
+    return {**trial.params, **out}
+
+
+class Recorder:
+    """A report function that reloads the final checkpoint while its folder still exists."""
+
+    def __init__(self):
+        self.calls, self.reloaded = [], None
+
+    def __call__(self, metrics, folder):
+        self.calls.append((dict(metrics), folder))
+        if folder is not None:
+            self.reloaded = load_quantized(folder / "model.pt")
+
+
+def test_a_ptq_trial_reports_and_leaves_a_checkpoint(tiny):
+    ctx = _ctx(tiny)
+    config = _config(tiny)
+    assert config["kind"] == "ptq" and config["feasible"] and "ptq.modcap_k" in config
+    report = Recorder()
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    final = run_trial(config, ctx, report)
+    assert [m["fidelity"] for m, _ in report.calls] == [1, 2, 3]
+    assert [f is None for _, f in report.calls] == [True, True, False]
+    assert [m["n_scored"] for m, _ in report.calls] == [12, 12, 24]  # eval_fraction, then all
+    assert report.calls[-1][0] == final
+    assert final["size_kib"] == config["cost"]["size_kib"] and final["feasible"] and final["kind"] == "ptq"
+    assert all(math.isfinite(m["score"]) and m["kl"] > 0 for m, _ in report.calls)
+    assert "oscillation" in final and final["seconds"] > 0
+    q, meta = report.reloaded
+    assert meta["plan"].to_dict() == config["plan"] and meta["model"] == "tiny_resnet"
+    assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())  # P untouched
+
+
+@pytest.mark.parametrize("reports", [1, 5])
+def test_ptq_reports_as_many_times_as_asked(tiny, reports):
+    ctx = _ctx(tiny, reports=reports)
+    report = Recorder()
+    run_trial(_config(tiny), ctx, report)
+    assert [m["fidelity"] for m, _ in report.calls] == list(range(1, reports + 1))
+    assert report.reloaded is not None and report.calls[-1][1] is not None
+
+
+@pytest.mark.parametrize("kind", ["qat", "ptq+qat"])
+def test_fine_tuning_trials_report_ctx_reports_times(tiny, kind):
+    ctx = _ctx(tiny)
+    config = _config(tiny, kind=kind)
+    assert knobs_of(config, "qat") | QAT == knobs_of(config, "qat")
+    report = Recorder()
+    final = run_trial(config, ctx, report)
+    assert [m["fidelity"] for m, _ in report.calls] == [1, 2, 3]
+    assert final["kind"] == kind and math.isfinite(final["score"])
+    q, meta = report.reloaded
+    assert meta["plan"].to_dict() == config["plan"]
+    assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+
+
+def test_an_infeasible_plan_reports_once_and_builds_nothing(tiny, monkeypatch):
+    import dfq_search.ptq
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an infeasible trial must not quantize")
+
+    monkeypatch.setattr(dfq_search.ptq, "run_ptq", fail)
+    ctx = _ctx(tiny, scorer=fail)
+    config = {**_config(tiny), "feasible": False}
+    calls = []
+    final = run_trial(config, ctx, lambda m, folder: calls.append((m, folder)))
+    assert calls == [(final, None)]
+    assert final["feasible"] is False and final["score"] == INFEASIBLE_SCORE
+    assert final["fidelity"] == ctx.reports  # counts as finished: no scheduler waits on it
+
+
+def test_repair_false_over_budget_config_is_infeasible(tiny):
+    sizes = []
+    for seed in range(8):
+        config = _config(tiny, seed=seed, max_size_kib=6.0, repair=False)
+        sizes.append(config["cost"]["size_kib"])
+        assert config["feasible"] == (config["cost"]["size_kib"] <= 6.0)
+        if not config["feasible"]:
+            report = Recorder()
+            run_trial(config, _ctx(tiny), report)
+            assert len(report.calls) == 1 and report.calls[0][0]["score"] == INFEASIBLE_SCORE
+    assert min(sizes) <= 6.0 < max(sizes)
+
+
+def test_a_nan_objective_fails_the_trial(tiny):
+    def nan_scorer(q, fraction=1.0):
+        return {"score": float("nan"), "kl": float("nan"), "n_scored": 1}
+
+    calls = []
+    with pytest.raises(TrialFailed, match="not finite"):
+        run_trial(_config(tiny), _ctx(tiny, scorer=nan_scorer), lambda m, folder: calls.append(m))
+    assert calls == []
+
+
+def test_intermediate_marks():
+    assert _marks(10, 2) == [4, 7]
+    assert _marks(3, 0) == []
+    assert all(0 < m < 100 for m in _marks(100, 9))
