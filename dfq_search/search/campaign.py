@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -99,6 +100,10 @@ class CampaignResult:
 def check_storage(run_dir: Path, resume: bool) -> None:
     """Refuse, before any compute, a storage path that cannot be written, a full disk, or an existing
     campaign that was not asked to be resumed (nothing of it is touched)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(run_dir)):
+        raise DfqError("storage is a URI", str(run_dir), "a folder path (on a cluster: a file system mounted "
+                       "at the same path on every node, e.g. EFS or NFS)",
+                       "mount the bucket or share, and pass its path as --storage")  # fmt: skip
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_probe"
@@ -302,6 +307,7 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     from dfq_search.distributed.tune import ProgressLine, TensorBoardCurves, TuneSetup, run_tuner
 
     start = time.perf_counter()
+    check_storage(Path(str(opts.storage)), True)  # a URI is refused before Path() mangles it
     run_dir = (opts.storage / opts.run_name).resolve()
     check_storage(run_dir, opts.resume)
     prep = prepare(opts, run_dir, log)
