@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def failure_reason(error: Any) -> str | None:
+    """The exception line of a failed trial's error (Ray wraps it in a remote traceback)."""
+    if error is None:
+        return None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else type(error).__name__
+
+
 def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
     """One row per trial of a Tune ``ResultGrid``: parameters, final metrics, every report, status,
     timings, the failure reason and the checkpoint folder."""
@@ -68,7 +78,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
             "reports": json.dumps(history),
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),
-            "error": None if result.error is None else " ".join(str(result.error).split())[:2000],
+            "error": failure_reason(result.error),
             "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
             "path": result.path,
         }
