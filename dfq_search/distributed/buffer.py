@@ -25,14 +25,18 @@ class BufferShard:
     """One shard of the buffer (see the module docstring)."""
 
     def __init__(
-        self, capacity: int, image_shape, num_classes: int, index: int, shards: int, seed: int
-    ) -> None:
+        self, capacity: int, image_shape, num_classes: int, index: int, shards: int, seed: int,
+        bank: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
         torch.set_num_threads(1)
         self.store = SampleStore(capacity, tuple(image_shape), num_classes)
         self.index, self.shards = index, shards
         self.gen = torch.Generator().manual_seed(seed * 1009 + index)
         self.refresh = False
         self.generators: dict[str, tuple[list, dict]] = {}
+        self.restored = 0
+        if bank is not None and ray.get_runtime_context().was_current_actor_reconstructed:
+            self.restored = self.load_bank(bank[0], bank[1], None)  # rebuilt after a crash: from the bank
 
     def num_shards(self) -> int:
         return self.shards
@@ -108,13 +112,19 @@ class SampleBuffer:
     @classmethod
     def start(
         cls, name: str, capacity: int, image_shape, num_classes: int, shards: int = 1, seed: int = 0,
-        namespace: str = NAMESPACE,
+        namespace: str = NAMESPACE, bank: tuple[str, str] | None = None, max_restarts: int = 3,
     ) -> SampleBuffer:  # fmt: skip
-        """Create (or join, when they exist) the named shard actors of a buffer of ``capacity``."""
+        """Create (or join, when they exist) the named shard actors of a buffer of ``capacity``.
+
+        With ``bank`` = (uri, P's fingerprint), a shard that dies is restarted by Ray (up to
+        ``max_restarts`` times; calls made meanwhile are retried) and refills itself from the bank:
+        what was spilled survives, what was not is lost.
+        """
         per = -(-capacity // shards)
+        restarts = {"max_restarts": max_restarts, "max_task_retries": max_restarts} if bank else {}
         actors = [
-            BufferShard.options(name=f"{name}/{i}", namespace=namespace, get_if_exists=True)
-            .remote(per, tuple(image_shape), num_classes, i, shards, seed)
+            BufferShard.options(name=f"{name}/{i}", namespace=namespace, get_if_exists=True, **restarts)
+            .remote(per, tuple(image_shape), num_classes, i, shards, seed, bank)
             for i in range(shards)
         ]  # fmt: skip
         return cls(name, actors, namespace)
@@ -188,9 +198,10 @@ class SampleBuffer:
         self.fills = [0] * len(self.shards)
         return loaded
 
-    def kill(self) -> None:
+    def kill(self, restart: bool = False) -> None:
+        """Kill every shard (Ray restarts them from the bank when ``restart`` and they have one)."""
         for s in self.shards:
-            ray.kill(s)
+            ray.kill(s, no_restart=not restart)
 
 
 def _batch(parts: list[dict]) -> Batch:

@@ -40,7 +40,7 @@ from dfq_search.search.results import (
     result_rows,
     write_parquet,
 )
-from dfq_search.search.samples import campaign_samples
+from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import SearchSpace
 from dfq_search.search.trial import TrialContext
 
@@ -248,9 +248,24 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
 
         val = load_image_folder(opts.val_data, bundle.preprocess)
     test = _test_data(opts, bundle)
-    samples = campaign_samples(bundle, space.samples, device, log)
-    log(f"samples: {len(samples.calib)} calibration + {len(samples.heldout)} held-out ({samples.origin})")
-    sens = _sensitivity(bundle, samples.calib, space, layers, run_dir, device, log)
+    draw = None
+    if space.samples.source == "generator":
+        from dfq_search import distributed
+        from dfq_search.distributed.campaign import generator_samples
+
+        distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())  # the workers need Ray
+        bank, name = str(run_dir / "bank"), f"{run_dir.name}-samples"
+        draw, heldout, seconds, origin = generator_samples(
+            bundle, space.samples, bank, name, space.resources, log
+        )
+        samples = CampaignSamples(None, heldout, seconds, origin)
+        calib = draw(min(space.samples.calibration, SENSITIVITY_IMAGES))
+    else:
+        samples = campaign_samples(bundle, space.samples, device, log)
+        calib = samples.calib
+    n_held = len(samples.heldout)
+    log(f"samples: {space.samples.calibration} calibration + {n_held} held-out ({samples.origin})")
+    sens = _sensitivity(bundle, calib, space, layers, run_dir, device, log)
     plans = PlanSpace(space, layers, sens)
     if val is not None:
         scorer = LabelledScorer(bundle.model, val, bundle.preprocess)
@@ -266,6 +281,8 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         scorer,
         space.objective.reports,
         space.objective.eval_fraction,
+        draw=draw,
+        calibration=space.samples.calibration,
     )
     starts = warm_starts(plans) if space.search.warm_start else {}
     starts = {

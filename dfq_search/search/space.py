@@ -33,7 +33,7 @@ from dfq_search.search.knobs import Knob, number, one_of, parse_knob
 SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search", "resources")
 KINDS = ("ptq", "qat", "ptq+qat")
 SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp", "cmaes")
-SOURCES = ("direct", "gaussian", "bank")
+SOURCES = ("direct", "gaussian", "bank", "generator")
 METRICS = ("auto", "top1", "agreement", "kl")
 WARM_STARTS = ("uniform", "sensitivity")
 BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
@@ -115,12 +115,25 @@ class Budget:
 
 @dataclass(frozen=True)
 class Samples:
+    """Where a campaign's samples come from.
+
+    direct: ZeroQ/DSG-style image optimisation in the driver (``iterations`` steps per batch);
+    gaussian: noise; bank: a Parquet bank made by 'dfq-search generate' (``bank``: its path);
+    generator: generator workers (Ray actors, one per entry of ``generators``, a game preset each)
+    train against P for ``generator_steps`` steps, dropping their first ``keep_after`` steps'
+    samples, into a shared buffer spilled to ``<campaign>/bank``; trials draw ``calibration`` samples
+    from the buffer; the held-out set is drawn fresh from the final generators, never buffered.
+    """
+
     source: str = "direct"
-    bank: str | None = None  # a bank URI for source "bank" (from 'dfq-search generate')
+    bank: str | None = None
     calibration: int = 256
     heldout: int = 256
-    iterations: int = 100  # direct optimisation steps per batch
+    iterations: int = 100
     seed: int = 0
+    generators: tuple[str, ...] = ("gdfq",)
+    generator_steps: int = 300
+    keep_after: int = 100
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,8 @@ class Search:
 class Resources:
     trial_cpu: float = 1.0
     trial_gpu: float = 0.0
+    worker_cpu: float = 1.0  # per generator worker (samples.source: generator)
+    worker_gpu: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,12 @@ def _typed(cls: type, section: dict, name: str, checks: Mapping[str, Any]) -> An
         return cls(**section)
     except TypeError as err:
         raise DfqError(f"search space {name!r}", section, str(err), "fix the section") from None
+
+
+def _presets(value: Any) -> tuple[str, ...]:
+    values = value if isinstance(value, list) else [value]
+    check = one_of("samples.generators", ("gdfq", "dsg", "lrq"))
+    return tuple(check(v) for v in values)
 
 
 def _uniform_bits(text: Any) -> str:
@@ -253,6 +274,9 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
             "calibration": number("samples.calibration", 1, 10**6, integer=True),
             "heldout": number("samples.heldout", 2, 10**6, integer=True),
             "iterations": number("samples.iterations", 0, 10**5, integer=True),
+            "generators": _presets,
+            "generator_steps": number("samples.generator_steps", 1, 10**7, integer=True),
+            "keep_after": number("samples.keep_after", 0, 10**7, integer=True),
             "seed": number("samples.seed", 0, 2**31, integer=True),
         },
     )
@@ -294,6 +318,8 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         {
             "trial_cpu": number("resources.trial_cpu", 0.0, 1024),
             "trial_gpu": number("resources.trial_gpu", 0.0, 64),
+            "worker_cpu": number("resources.worker_cpu", 0.0, 1024),
+            "worker_gpu": number("resources.worker_gpu", 0.0, 64),
         },
     )
     return SearchSpace(

@@ -40,11 +40,16 @@ class TrialContext:
     model_name: str
     num_classes: int
     input_shape: tuple[int, int, int]
-    calib: Tensor  # calibration images (P's input space)
+    calib: Tensor | None  # calibration images (P's input space), or None to draw them
     scorer: Any  # FidelityScorer | LabelledScorer
     reports: int = 3
     eval_fraction: float = 0.5
     device: str = "cpu"
+    draw: Callable[[int], Tensor] | None = None  # n -> samples from the campaign's shared buffer
+    calibration: int = 256  # how many to draw
+
+    def calibration_images(self) -> Tensor:
+        return self.calib if self.calib is not None else self.draw(self.calibration)
 
 
 def knobs_of(config: dict[str, Any], part: str) -> dict[str, Any]:
@@ -129,7 +134,7 @@ class _Trial:
             if done in marks and done < total and self.level - start < levels:
                 self.emit(q)
 
-        batches = list(torch.split(self.ctx.calib, 64))
+        batches = list(torch.split(self.ctx.calibration_images(), 64))
         result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress)
         self.extra = {"oscillation": result.oscillation, "rise": result.rise}
         return result.model

@@ -1,0 +1,109 @@
+"""A campaign's shared samples on Ray (``samples.source: generator``): generator workers train against P
+and fill a named, sharded sample buffer, which is spilled to the campaign's Parquet bank; trials draw
+their calibration samples from the buffer by name (:class:`BufferDraw`). A campaign resumed, or a
+buffer shard rebuilt after a crash, reloads from the bank with no generation.
+
+The held-out samples of the label-free objective are drawn fresh from the workers' final published
+generators (never put in the buffer, so no trial calibrates on them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dfq_search.bank import BankHeader, SampleBank, SourceTrainer, WorkerConfig
+from dfq_search.distributed.buffer import SampleBuffer
+from dfq_search.distributed.session import NAMESPACE
+from dfq_search.distributed.worker import WorkerPool
+from dfq_search.fingerprint import model_fingerprint
+from dfq_search.models import ModelBundle
+from dfq_search.search.space import Resources, Samples
+
+HELDOUT_SEED = 7919
+_LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collects actors nobody holds
+_LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collects actors nobody holds
+
+
+@dataclass(frozen=True)
+class BufferDraw:
+    """What a trial holds to draw from the campaign's buffer (a name, not data)."""
+
+    name: str
+    namespace: str = NAMESPACE
+
+    def __call__(self, n: int) -> Tensor:
+        return SampleBuffer.connect(self.name, self.namespace).sample(n).x.float()
+
+
+def _configs(cfg: Samples) -> list[WorkerConfig]:
+    return [WorkerConfig(name=f"{preset}-{i}", preset=preset, seed=cfg.seed + i, steps=cfg.generator_steps,
+                         keep_after=cfg.keep_after, chunk=256, publish_every=50)
+            for i, preset in enumerate(cfg.generators)]  # fmt: skip
+
+
+def _heldout(bundle: ModelBundle, buffer: SampleBuffer, configs: list[WorkerConfig], n: int) -> Tensor:
+    """``n`` fresh samples of the final generators, split over them, seeded apart from training."""
+    parts, gen = [], torch.Generator().manual_seed(HELDOUT_SEED)
+    per = [n // len(configs) + (i < n % len(configs)) for i in range(len(configs))]
+    for config, k in zip(configs, per, strict=True):
+        got = buffer.latest_generator(config.name)
+        trainer = SourceTrainer(bundle.model, config, bundle.preprocess.shape, bundle.num_classes)
+        if got is not None:
+            trainer.load_state_dict(got[0])
+        with torch.no_grad():
+            parts.append(trainer.source.sample(k, gen)[0])
+    return torch.cat(parts)
+
+
+def generator_samples(
+    bundle: ModelBundle, cfg: Samples, bank_uri: str, name: str, resources: Resources,
+    log: Callable[[str], None] = print,
+) -> tuple[BufferDraw, Tensor, float, str]:  # fmt: skip
+    """Fill (or reload) the campaign buffer; returns (draw, held-out samples, seconds, origin)."""
+    start, configs = time.perf_counter(), _configs(cfg)
+    fingerprint = model_fingerprint(bundle.model)
+    header = BankHeader(fingerprint, bundle.preprocess.shape, bundle.num_classes, bundle.name, "float16")
+    SampleBank.create(bank_uri, header)
+    steps = max(cfg.generator_steps - cfg.keep_after, 0)
+    kept = sum(steps * c.game_config().train.batch_size for c in configs)
+    shape, classes = bundle.preprocess.shape, bundle.num_classes
+    buffer = _LIVE[name] = SampleBuffer.start(name, max(kept, cfg.calibration), shape, classes,
+                                              namespace=NAMESPACE, bank=(bank_uri, fingerprint))  # fmt: skip
+    loaded = buffer.load_bank(bank_uri, fingerprint)
+    if loaded >= kept:
+        origin = f"bank {bank_uri} ({loaded} samples, no generation)"
+        for c in configs:  # the published generators, for the held-out draw
+            versions = SampleBank.open(bank_uri, fingerprint).generator_versions(c.name)
+            if versions:
+                state = SampleBank.open(bank_uri, fingerprint).load_generator(versions[-1])
+                buffer.publish(c.name, versions[-1].step, state)
+    else:
+        log(f"generator workers: {', '.join(c.name for c in configs)}, {cfg.generator_steps} steps each")
+        pool = WorkerPool(configs, bundle.model, shape, classes, buffer, gpus_per_worker=resources.worker_gpu,
+                          cpus_per_worker=resources.worker_cpu)  # fmt: skip
+        pool.run()
+        while not pool.done(timeout=10.0):
+            st = buffer.stats()
+            log(f"  buffer {st['filled']}/{st['capacity']} samples, {st['add_rate']:.0f} samples/s")
+        pool.wait()
+        spilled = buffer.spill(bank_uri, header)
+        _publish_to_bank(buffer, configs, bank_uri, fingerprint)
+        pool.shutdown()
+        origin = f"{len(configs)} generator workers, {spilled} samples spilled to {bank_uri}"
+    heldout = _heldout(bundle, buffer, configs, cfg.heldout)
+    return BufferDraw(name), heldout, time.perf_counter() - start, origin
+
+
+def _publish_to_bank(buffer: SampleBuffer, configs: list[WorkerConfig], uri: str, fingerprint: str) -> None:
+    bank = SampleBank.open(uri, fingerprint)
+    for c in configs:
+        got = buffer.latest_generator(c.name)
+        if got is not None:
+            bank.publish_generator(
+                c.name, got[1]["step"], got[0], got[1].get("config", {}), c.generator_hash()
+            )
