@@ -118,6 +118,7 @@ def run_tuner(s: TuneSetup, storage: str, name: str, resume: bool) -> tune.Resul
         time_budget_s=s.time_budget_s,
         metric="score" if single else None,
         mode="max" if single else None,
+        reuse_actors=True,  # a worker process serves trial after trial: no torch import per trial
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )

@@ -368,10 +368,24 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
         f"campaign {run_dir}: {search.trials} trials, {search.concurrency} at a time, "
         f"{search.sampler} sampler, objective {prep.ctx.scorer.metric} ({s.objective.mode})"
     )
+    rss_before = _rss_mb()
     run_tuner(setup, str(opts.storage.resolve()), opts.run_name, opts.resume)
-    result = finalize(run_dir, prep, log)
+    memory = {"before_trials_mb": rss_before, "after_trials_mb": _rss_mb(), "peak_mb": _peak_rss_mb()}
+    result = finalize(run_dir, prep, log, {"driver_memory": memory})
     log(f"done in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _rss_mb() -> float:
+    import psutil  # a dependency of Ray
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> None:
@@ -400,7 +414,9 @@ def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict
     return out
 
 
-def finalize(run_dir: Path, prep: Prepared | None, log: Log = print) -> CampaignResult:
+def finalize(
+    run_dir: Path, prep: Prepared | None, log: Log = print, extra: dict[str, Any] | None = None
+) -> CampaignResult:
     """Rows, front, best and every output file of the campaign in ``run_dir``."""
     from dfq_search.distributed.tune import load_results
 
@@ -423,7 +439,8 @@ def finalize(run_dir: Path, prep: Prepared | None, log: Log = print) -> Campaign
     result = CampaignResult(run_dir, rows, front, top, files, marks)
     if top is not None:
         _write_best(result, prep)
-    (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=1, default=str))
+    summary = {**_summary(result), **(extra or {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     files["summary"] = str(run_dir / "summary.json")
     _print(result, log)
     return result

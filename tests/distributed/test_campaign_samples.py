@@ -88,3 +88,17 @@ def test_a_generator_worker_killed_mid_run_is_restarted(ray_session, tiny, tmp_p
     runner.join(timeout=300)
     assert "r" in out, "the generation did not complete after the worker was killed"
     assert SampleBank.open(bank).info()["samples"] >= (120 - 5) * 32
+
+
+@ray.remote(num_cpus=0.25)
+def _reader(name: str, draws: int, n: int) -> list[int]:
+    from dfq_search.distributed.campaign import BufferDraw
+
+    draw = BufferDraw(name)
+    return [len(draw(n)) for _ in range(draws)]
+
+
+def test_the_buffer_serves_eight_concurrent_readers(ray_session, tiny, tmp_path):
+    generator_samples(tiny, CFG, str(tmp_path / "bank"), "readers", Resources(), quiet)
+    got = ray.get([_reader.remote("readers", 20, 64) for _ in range(8)], timeout=300)
+    assert got == [[64] * 20] * 8  # every request of every reader served in full
