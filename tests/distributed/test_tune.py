@@ -106,3 +106,21 @@ def test_run_refuses_an_existing_campaign_without_resume(tmp_path, shared_cache)
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
+    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
+    space["method"]["ptq"]["iters"] = 100
+    space["search"]["trials"] = 200
+    path = tmp_path / "timed.yaml"
+    path.write_text(yaml.safe_dump(space))
+    argv = cli(
+        "run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2", "--time-budget", "15"
+    )
+    start = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "tiny_resnet-timed" / "results.parquet").to_pylist()
+    assert 1 <= len(rows) < 200
+    assert json.loads((tmp_path / "tiny_resnet-timed" / "summary.json").read_text())["best"] is not None
+    assert time.time() - start < 15 + 90  # the budget, plus start-up and the final outputs
