@@ -81,10 +81,17 @@ class CampaignOptions:
 
     @property
     def run_name(self) -> str:
-        return (
-            self.name
-            or f"{self.model_name.replace(':', '_').replace('.', '_')}-{Path(self.space.source).stem}"
-        )
+        """``--name``, else ``<model>-<space>-<hash>``: the hash of everything that defines the campaign,
+        so rerunning the same command finds (and resumes) the same campaign, and a changed one is new."""
+        if self.name:
+            return self.name
+        from dfq_search.fingerprint import config_hash
+
+        key = {"space": self.space, "model": self.model_name, "weights": self.weights,
+               "num_classes": self.num_classes, "trials": self.trials, "sampler": self.sampler,
+               "val": str(self.val_data), "concurrency": self.concurrency}  # fmt: skip
+        model = self.model_name.replace(":", "_").replace(".", "_")
+        return f"{model}-{Path(self.space.source).stem}-{config_hash(key)[:8]}"
 
 
 @dataclass
@@ -326,6 +333,11 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     start = time.perf_counter()
     check_storage(Path(str(opts.storage)), True)  # a URI is refused before Path() mangles it
     run_dir = (opts.storage / opts.run_name).resolve()
+    resume = opts.resume or (opts.name is None and (run_dir / "campaign.json").is_file())
+    if resume and not opts.resume:
+        log(f"the same campaign exists in {run_dir}: resuming it (finished trials are kept; --name NEW "
+            "starts another)")  # fmt: skip
+    opts = replace(opts, resume=resume)
     check_storage(run_dir, opts.resume)
     prep = prepare(opts, run_dir, log)
     s = opts.space

@@ -28,11 +28,13 @@ def env(cache: Path) -> dict[str, str]:
 
 
 def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
-    argv = cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--num-cpus", "2")
+    argv = cli(
+        "run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--num-cpus", "2", "--name", "smoke"
+    )
     proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Pareto front" in proc.stdout and "Traceback" not in proc.stderr
-    run = tmp_path / "tiny_resnet-tiny_smoke"
+    run = tmp_path / "smoke"
     rows = pq.read_table(run / "results.parquet").to_pylist()
     assert len(rows) == 3 and {r["status"] for r in rows} <= set(STATUSES)
     assert all(len(json.loads(r["reports"])) >= 1 for r in rows)
@@ -72,8 +74,20 @@ def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, sh
     space["method"]["ptq"]["iters"] = 300  # trials of a few seconds, so the kill lands mid-campaign
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(space))
-    argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--trials", "5", "--num-cpus", "2")
-    run = tmp_path / "tiny_resnet-slow"
+    argv = cli(
+        "run",
+        "--space",
+        str(path),
+        "--storage",
+        str(tmp_path),
+        "--trials",
+        "5",
+        "--num-cpus",
+        "2",
+        "--name",
+        "slow",
+    )
+    run = tmp_path / "slow"
     proc = subprocess.Popen(argv, env=env(shared_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
@@ -95,13 +109,13 @@ def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, sh
         assert after[name] == content, f"{name} was rerun"
 
 
-def test_run_refuses_an_existing_campaign_without_resume(tmp_path, shared_cache):
-    (tmp_path / "tiny_resnet-tiny_smoke").mkdir()
-    (tmp_path / "tiny_resnet-tiny_smoke" / "campaign.json").write_text("{}")
-    proc = subprocess.run(cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path)),
-                          capture_output=True, text=True, env=env(shared_cache), timeout=120)  # fmt: skip
+def test_run_refuses_an_existing_named_campaign_without_resume(tmp_path, shared_cache):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "campaign.json").write_text("{}")
+    argv = cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--name", "mine")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=120)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
-    assert (tmp_path / "tiny_resnet-tiny_smoke" / "campaign.json").read_text() == "{}"  # untouched
+    assert (tmp_path / "mine" / "campaign.json").read_text() == "{}"  # untouched
 
 
 if __name__ == "__main__":
@@ -115,12 +129,22 @@ def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
     path = tmp_path / "timed.yaml"
     path.write_text(yaml.safe_dump(space))
     argv = cli(
-        "run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2", "--time-budget", "15"
+        "run",
+        "--space",
+        str(path),
+        "--storage",
+        str(tmp_path),
+        "--num-cpus",
+        "2",
+        "--time-budget",
+        "15",
+        "--name",
+        "timed",
     )
     start = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pq.read_table(tmp_path / "tiny_resnet-timed" / "results.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "timed" / "results.parquet").to_pylist()
     assert 1 <= len(rows) < 200
-    assert json.loads((tmp_path / "tiny_resnet-timed" / "summary.json").read_text())["best"] is not None
+    assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None
     assert time.time() - start < 15 + 90  # the budget, plus start-up and the final outputs

@@ -28,10 +28,10 @@ def test_200_trial_campaign_records_every_trial_and_driver_memory_stays_bounded(
     path.write_text(yaml.safe_dump(space))
     env = {**os.environ, "DFQ_SEARCH_CACHE": str(shared_cache), "OMP_WAIT_POLICY": "PASSIVE"}
     argv = [sys.executable, "-m", "dfq_search.cli", "run", "--space", str(path), "--storage", str(tmp_path),
-            "--num-cpus", "2"]  # fmt: skip
+            "--num-cpus", "2", "--name", "load"]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "tiny_resnet-load"
+    run = tmp_path / "load"
     rows = pq.read_table(run / "results.parquet").to_pylist()
     assert len(rows) == TRIALS and len({r["trial"] for r in rows}) == TRIALS
     assert all(r["status"] in ("complete", "stopped") and r["score"] is not None for r in rows)
