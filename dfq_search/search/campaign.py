@@ -189,6 +189,16 @@ def _sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log:
     return sens
 
 
+def _sample_grid(folder: Path, bundle: ModelBundle, calib: torch.Tensor, heldout: torch.Tensor) -> None:
+    """The campaign's synthetic samples as TensorBoard image grids (calibration and held-out)."""
+    from dfq_search.qat.reporter import TensorBoardReporter
+
+    board = TensorBoardReporter(str(folder), bundle.preprocess.mean, bundle.preprocess.std)
+    board.images(0, "samples/calibration", calib[:64])
+    board.images(0, "samples/heldout", heldout[:64])
+    board.close()
+
+
 def warm_starts(plans: PlanSpace) -> dict[str, dict[str, LayerBits]]:
     """Named plans the campaign runs first: uniform ones that fit the budget and the sensitivity DP."""
     out = {}
@@ -272,6 +282,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         calib = samples.calib
     n_held = len(samples.heldout)
     log(f"samples: {space.samples.calibration} calibration + {n_held} held-out ({samples.origin})")
+    _sample_grid(run_dir / "tensorboard" / "samples", bundle, calib, samples.heldout)
     sens = _sensitivity(bundle, calib, space, layers, run_dir, device, log)
     plans = PlanSpace(space, layers, sens)
     if val is not None:
