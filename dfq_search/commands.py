@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from dfq_search.baselines import CalibSpec, round_to_nearest
+from dfq_search.baselines import GAUSSIAN, CalibSpec, round_to_nearest
 from dfq_search.data.image_data import ImageData
 from dfq_search.device import resolve_device
 from dfq_search.errors import DfqError
@@ -29,6 +31,8 @@ class Setup:
 
 
 def _setup(args: argparse.Namespace, need_data: bool = True) -> Setup:
+    if args.batch_size < 1:
+        raise DfqError("--batch-size", args.batch_size, "an integer >= 1", "pass e.g. --batch-size 500")
     device = resolve_device(args.device)
     bundle = create_model(args.model, args.weights, args.num_classes, device)
     return Setup(bundle, _load_data(args, bundle) if need_data else None, device)
@@ -62,19 +66,48 @@ def _plan(args: argparse.Namespace, bundle: ModelBundle, bits: str | None = None
     if getattr(args, "plan", None) is not None:
         if bits is not None:
             raise DfqError("both --plan and --bits given", bits, "one of them", "drop one")
-        return BitPlan.load(args.plan)
+        plan = BitPlan.load(args.plan)
+        plan.resolve([i.name for i in _layers(bundle)])  # names and patterns checked before any compute
+        return plan
     if bits is None:
         raise DfqError("no bit plan", None, "--plan FILE or --bits WxAy", "pass e.g. --bits W4A4")
-    layers = trace_layers(bundle.model, bundle.preprocess.example_input(device=_device_of(bundle)))
-    return protocol.plan(layers, parse_bits(bits))
+    return protocol.plan(_layers(bundle), parse_bits(bits))
+
+
+def _layers(bundle: ModelBundle) -> list:
+    return trace_layers(bundle.model, bundle.preprocess.example_input(device=_device_of(bundle)))
 
 
 def _device_of(bundle: ModelBundle) -> torch.device:
     return next(bundle.model.parameters()).device
 
 
+def _calib(args: argparse.Namespace) -> CalibSpec:
+    """The calibration source, checked before any data is loaded."""
+    if args.calib != GAUSSIAN and not Path(args.calib).expanduser().is_dir():
+        raise DfqError(
+            "calibration source not found", args.calib, f"{GAUSSIAN!r} or an ImageFolder directory",
+            "pass --calib gaussian or an existing folder of images",
+        )  # fmt: skip
+    return CalibSpec(args.calib, args.calib_images, 64, args.seed)
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an output file that cannot be written (before the work that produces it)."""
+    if path.is_dir():
+        raise DfqError("--out is a directory", str(path), "a file path", "pass e.g. --out model_w4.pt")
+    parent = path.expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DfqError(
+            "--out cannot be written", str(path), f"a path under a writable folder ({parent} is not one)",
+            "pass --out in a folder you can write",
+        )  # fmt: skip
+
+
 def _quantize(args: argparse.Namespace, s: Setup, plan: BitPlan) -> nn.Module:
-    calib = CalibSpec(args.calib, args.calib_images, 64, args.seed)
+    calib = _calib(args)
     config = get_protocol(args.protocol).config
     return round_to_nearest(s.bundle.model, plan, s.bundle.preprocess, calib, config, s.device)
 
@@ -107,17 +140,22 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    s = _setup(args)
-    evaluator = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,
-                          batch_size=args.batch_size, device=s.device)  # fmt: skip
+    s = _setup(args, need_data=False)
+    plan = None
     if args.checkpoint is not None:
         from dfq_search.checkpoint import load_quantized
 
         model, _ = load_quantized(args.checkpoint, s.device)
     elif args.plan is not None or args.bits is not None:
-        model = _quantize(args, s, _plan(args, s.bundle))
+        plan, model = _plan(args, s.bundle), None
+        _calib(args)
     else:
         model = s.bundle.model
+    s.data = _load_data(args, s.bundle)  # the inputs are checked first, then the images decoded
+    evaluator = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,
+                          batch_size=args.batch_size, device=s.device)  # fmt: skip
+    if plan is not None:
+        model = _quantize(args, s, plan)
     result = evaluator(model)
     print(format_table([{"model": s.bundle.name, "images": result.n, "top1": result.top1,
                          "agreement": result.agreement, "seconds": result.seconds}]))  # fmt: skip
@@ -127,8 +165,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dfq_search.checkpoint import save_quantized
 
-    s = _setup(args, need_data=not args.no_eval)
+    _check_out(args.out)
+    s = _setup(args, need_data=False)
     plan = _plan(args, s.bundle)
+    _calib(args)
+    s.data = None if args.no_eval else _load_data(args, s.bundle)
     q = _quantize(args, s, plan)
     config = get_protocol(args.protocol).config
     path = save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config)
@@ -146,15 +187,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Uniform RTN plans on the model, accuracy before and after."""
     start = time.perf_counter()
-    s = _setup(args)
+    s = _setup(args, need_data=False)
+    plans = {bits: _plan(args, s.bundle, bits) for bits in args.bits}  # every plan checked first
+    _calib(args)
+    s.data = _load_data(args, s.bundle)
     ev = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,
                    batch_size=args.batch_size, device=s.device)  # fmt: skip
     fp = ev(s.bundle.model)
     print(f"{s.bundle.name}: full precision top-1 {fp.top1:.2f}% on {fp.n} images "
           f"({args.protocol} protocol, RTN calibrated on {args.calib})", flush=True)  # fmt: skip
     rows = []
-    for bits in args.bits:
-        plan = _plan(args, s.bundle, bits)
+    for bits, plan in plans.items():
         res = ev(_quantize(args, s, plan))
         rows.append({"plan": bits.upper(), "top1": res.top1, "drop": fp.top1 - res.top1,
                      "agreement": res.agreement, **_cost_row(s, plan)})  # fmt: skip

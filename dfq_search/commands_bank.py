@@ -14,6 +14,7 @@ import time
 
 from dfq_search.bank import BankHeader, SampleBank, WorkerConfig, generate_into_bank
 from dfq_search.device import resolve_device
+from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import create_model
 from dfq_search.report import format_table
@@ -39,13 +40,31 @@ def _progress(start: float):
     return show
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The numbers and the address, before the model is built or the bank touched."""
+    lows = {"samples": 1, "steps": 1, "batch_size_gen": 1, "shard_rows": 1, "keep_after": 0, "workers": 0,
+            "num_classes": 1}  # fmt: skip
+    for flag, low in lows.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise DfqError(f"--{flag.replace('_', '-')}", value, f"an integer >= {low}", "pass a larger one")
+    if not args.progress_every > 0:
+        raise DfqError("--progress-every", args.progress_every, "seconds > 0", "pass e.g. 10")
+    if args.address is not None and args.workers > 0:
+        from dfq_search.distributed.session import check_address
+
+        check_address(args.address)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_args(args)
+    configs = _configs(args)  # refuses a bad preset or --set before anything is written
     device = resolve_device(args.device)
     bundle = create_model(args.model, args.weights, args.num_classes, device)
     header = BankHeader(model_fingerprint(bundle.model), bundle.preprocess.shape, bundle.num_classes,
                         bundle.name, args.encoding)  # fmt: skip
     bank = SampleBank.create(args.bank, header)
-    start, configs = time.perf_counter(), _configs(args)
+    start = time.perf_counter()
     print(f"{bundle.name} (fingerprint {header.fingerprint}) -> {args.bank}: "
           f"{len(configs)} generator(s) x {args.samples} samples", flush=True)  # fmt: skip
     if args.workers == 0:

@@ -11,7 +11,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dfq_search.search.campaign import CampaignOptions, run_campaign
     from dfq_search.search.space import load_space
 
-    for flag in ("trials", "concurrency", "num_cpus"):
+    for flag in ("trials", "concurrency", "num_cpus", "num_classes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise DfqError(f"--{flag.replace('_', '-')}", value, "an integer >= 1", "pass a positive number")
@@ -24,6 +24,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             from dfq_search.errors import unknown_name
 
             raise unknown_name("sampler", args.sampler, SAMPLERS, "pass --sampler tpe (or another listed)")
+    if args.name is not None and (
+        args.name in ("", ".", "..") or any(c in args.name for c in "/\\\0") or args.name != args.name.strip()
+    ):
+        raise DfqError(
+            "bad campaign name", args.name, "one folder name (no '/', not '.' or '..'): the campaign lives "
+            "in <storage>/<name>, never outside the storage path", "pass e.g. --name resnet20-w3",
+        )  # fmt: skip
+    if args.address is not None:  # before any compute: Ray would retry a wrong address for minutes
+        from dfq_search.distributed.session import check_address
+
+        check_address(args.address)
     opts = CampaignOptions(
         load_space(args.space),
         args.model,

@@ -98,9 +98,14 @@ class SampleBank:
         filesystem, root = resolve(uri, fs)
         if _exists(filesystem, f"{root}/bank.json"):
             return cls.open(uri, header.fingerprint, fs, expect=header)
-        for sub in ("shards", "index", "generators"):
-            filesystem.create_dir(f"{root}/{sub}", recursive=True)
-        write_atomic(filesystem, f"{root}/bank.json", json.dumps(asdict(header), indent=1).encode())
+        try:
+            for sub in ("shards", "index", "generators"):
+                filesystem.create_dir(f"{root}/{sub}", recursive=True)
+            write_atomic(filesystem, f"{root}/bank.json", json.dumps(asdict(header), indent=1).encode())
+        except OSError as err:
+            reason = " ".join(str(err.strerror or err).split())
+            raise DfqError("cannot create a sample bank there", uri, f"a writable location ({reason})",
+                           "pass --bank DIR where you can write") from None  # fmt: skip
         return cls(uri, header, fs)
 
     @classmethod

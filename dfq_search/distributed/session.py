@@ -5,13 +5,56 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlsplit
 
 import ray
+
+from dfq_search.errors import DfqError
 
 NAMESPACE = "dfq_search"
 # Tune's console output: the legacy engine (silent at verbose=0; the campaign prints its own lines),
 # and no warning about frequent experiment snapshots (a campaign of short trials makes many).
 QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+PROBE_S = 3.0  # how long the head's port may take to answer (Ray itself retries for minutes)
+_ADDRESS_FORMS = "'auto', HOST:PORT (the head's GCS port, 6379 by default) or ray://HOST:PORT"
+
+
+def check_address(address: str | None) -> None:
+    """Refuse, before any compute, a Ray address that is not 'auto', HOST:PORT or ray://HOST:PORT, whose
+    host does not resolve or whose port does not answer within ``PROBE_S`` seconds (ray.init would
+    retry such an address for minutes). 'auto' and None are left to :func:`init`."""
+    if address is None or address == "auto":
+        return
+    if not isinstance(address, str) or not address.strip():
+        raise DfqError("bad Ray address", address, f"one of {_ADDRESS_FORMS}", "pass e.g. --address auto")
+    parts = urlsplit(address if address.startswith("ray://") else f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("", "ray") or not parts.hostname or port is None or not 0 < port < 65536 or (
+        parts.path or parts.query or parts.fragment or parts.username
+    ):  # fmt: skip
+        raise DfqError(
+            "bad Ray address", address, f"one of {_ADDRESS_FORMS}, with a port in 1..65535",
+            "pass --address auto on a node of the cluster, or the head's HOST:6379",
+        )  # fmt: skip
+    try:
+        socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise DfqError(
+            f"Ray address: host {parts.hostname!r} not found", address,
+            f"a host name or IP that resolves ({err})", "check the head node's address",
+        ) from None  # fmt: skip
+    try:
+        socket.create_connection((parts.hostname, port), timeout=PROBE_S).close()
+    except OSError as err:
+        raise DfqError(
+            "no Ray cluster answers at the address", address,
+            f"a running Ray head listening there ({err.strerror or type(err).__name__})",
+            "start the cluster ('ray up cluster.yaml' or 'ray start --head') or fix --address",
+        ) from None  # fmt: skip
 
 
 def init(address: str | None = None, num_cpus: int | None = 2, namespace: str = NAMESPACE, **kwargs) -> None:
@@ -25,7 +68,14 @@ def init(address: str | None = None, num_cpus: int | None = 2, namespace: str = 
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, namespace=namespace, **kwargs)
+        check_address(address)
+        try:
+            ray.init(address=address, namespace=namespace, **kwargs)
+        except ConnectionError as err:
+            raise DfqError(
+                "cannot connect to the Ray cluster", address, " ".join(str(err).split())[:300],
+                "start the cluster ('ray up cluster.yaml' or 'ray start --head') or fix --address",
+            ) from None  # fmt: skip
         return
     kwargs.setdefault("object_store_memory", 512 * 2**20)
     kwargs.setdefault("logging_level", logging.ERROR)

@@ -107,7 +107,8 @@ def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
             pass
     ok = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}.get(kind)
     if ok and (not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool))):
-        raise DfqError(f"config key {where + f.name!r}", value, f"a {kind}", f"give a {kind}")
+        article = "an" if kind == "int" else "a"
+        raise DfqError(f"config key {where + f.name!r}", value, f"{article} {kind}", f"give {article} {kind}")
     return value
 
 

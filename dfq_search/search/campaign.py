@@ -265,6 +265,12 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
 
         val = load_image_folder(opts.val_data, bundle.preprocess)
     test = _test_data(opts, bundle)
+    for flag, data in (("--val-data", val), ("--test-data", test)):
+        if data is not None and len(data.classes) > bundle.num_classes:
+            raise DfqError(
+                f"{flag} has more classes than {bundle.name} outputs", len(data.classes),
+                f"at most {bundle.num_classes} class folders", f"pass the right {flag} or --num-classes",
+            )  # fmt: skip
     draw = None
     if space.samples.source == "generator":
         from dfq_search import distributed

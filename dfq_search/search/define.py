@@ -133,10 +133,12 @@ class PlanSpace:
     def _check_reachable(self) -> None:
         least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
         if self.excess(self.cost(least)) > 1e-9:
+            kind = self.budget.kind
+            cost = ", ".join(f"{k} {v:.4g}" for k, v in self.cost(least).items())
             raise DfqError(
                 "impossible budget: even the smallest plan exceeds it",
-                self.budget,
-                f"the lowest bits of every layer cost {self.cost(least)}",
+                f"budget.{kind}: {getattr(self.budget, kind)}",
+                f"the lowest bits of every layer cost {cost}",
                 "raise the budget or allow fewer bits",
             )
 

@@ -345,6 +345,10 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
         path = SPACE_DIR / f"{path_or_name}.yaml"
     if not path.is_file():
         shipped = sorted(p.stem for p in SPACE_DIR.glob("*.yaml"))
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # meant as a file, not a shipped name
+            what = "search space path is a directory" if path.is_dir() else "search space file not found"
+            raise DfqError(what, str(path), f"an existing YAML file, or a shipped name: {', '.join(shipped)}",
+                           "check the path")  # fmt: skip
         raise unknown_name("search space", str(path_or_name), shipped, "pass a YAML file or a shipped name")
     try:
         data = yaml.safe_load(path.read_text())
