@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit")
     p.add_argument("--calibration", type=int, default=512, help="synthetic calibration images")
     p.add_argument("--modcap-k", type=int, default=0, help="fixed ModCap k of every plan (0: BRECQ)")
+    p.add_argument("--weight-choices", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8],
+                   help="weight bits a layer may take (first/last layers stay at 8)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
     p.add_argument("--model", default="cifar_resnet20")
@@ -65,6 +67,7 @@ def space_for(args, budget: int, sampler: str, seed: int):
 
     raw = yaml.safe_load((SPACE_DIR / "cifar_resnet20.yaml").read_text())
     raw["budget"] = {"uniform_weight_bits": budget, "repair": True}
+    raw["bits"]["weight"]["_default"] = list(args.weight_choices)
     raw["method"] = {"kind": "ptq", "ptq": {**raw["method"]["ptq"], "modcap_k": args.modcap_k,
                                             "capacity": "data", "iters": args.iters}}  # fmt: skip
     raw["samples"]["calibration"] = args.calibration
@@ -94,21 +97,32 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float:
     return (con - dis) / denom if denom else float("nan")
 
 
-def label_free_tau(result, bundle, heldout) -> tuple[float, int]:
-    """τ between −KL(P‖Q) on held-out synthetic images and half-B top-1, over the complete trials."""
+def label_free_tau(rows: list[dict], bundle, heldout) -> tuple[float, int]:
+    """τ between −KL(P‖Q) on held-out synthetic images and half-B top-1, over complete trials (one per
+    plan, pooled over the campaigns of this run)."""
     from dfq_search.checkpoint import load_quantized
     from dfq_search.search.objective import FidelityScorer
-    from dfq_search.search.results import candidates
 
     scorer = FidelityScorer(bundle.model, heldout, "kl")
-    rows = [r for r in candidates(result.rows) if r.get("test_top1") is not None]
-    kl = [scorer(load_quantized(Path(r["checkpoint"]) / "model.pt")[0])["score"] for r in rows]
-    return kendall_tau(kl, [r["test_top1"] for r in rows]), len(rows)
+    plans = {r["plan"]: r for r in rows if r.get("test_top1") is not None}
+    kl = [scorer(load_quantized(Path(r["checkpoint"]) / "model.pt")[0])["score"] for r in plans.values()]
+    return kendall_tau(kl, [r["test_top1"] for r in plans.values()]), len(plans)
 
 
-def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> dict:
+def _uniform_dominated(result) -> str:
+    """How many uniform warm-start plans a plan of the front beats on half B at no larger size."""
+    uniform = [r for k, r in result.marks.items() if "uniform" in k and r.get("test_top1") is not None]
+    front = [r for r in result.front if r.get("test_top1") is not None]
+    beaten = sum(
+        any(f["size_kib"] <= u["size_kib"] and f["test_top1"] > u["test_top1"] for f in front)
+        for u in uniform
+    )
+    return f"{beaten}/{len(uniform)}"
+
+
+def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> tuple[dict, list[dict]]:
     from dfq_search.search.campaign import CampaignOptions, run_campaign
-    from dfq_search.search.samples import campaign_samples
+    from dfq_search.search.results import candidates
 
     space = space_for(args, budget, sampler, seed)
     weights = str(shared(CIFAR_WEIGHTS[args.model]))
@@ -118,15 +132,15 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> d
     result = run_campaign(opts, lambda line: print(line, flush=True))
     _score_all_on_half_b(result, bundle, half_b)
     named = {k: r.get("test_top1") for k, r in result.marks.items()}
-    uniform = next((v for k, v in named.items() if k.startswith("uniform") and str(budget) in k), None)
+    uniform = next((v for k, v in named.items() if f"uniform-w{budget}" in k), None)
+    dp = next((v for k, v in named.items() if "sensitivity-dp" in k), None)
     best = result.best or {}
-    tau, n_tau = label_free_tau(result, bundle, campaign_samples(bundle, space.samples).heldout)
-    return {"budget": f"w{budget}", "sampler": sampler, "seed": seed, "trials": len(result.rows),
-            "uniform_top1_B": uniform, "dp_top1_B": named.get("sensitivity-dp"),
-            "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
-            "best_size_kib": best.get("size_kib"), "best_kind": best.get("plan"),
-            "kendall_tau_label_free": tau, "tau_trials": n_tau,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    row = {"budget": f"w{budget}", "sampler": sampler, "seed": seed, "trials": len(result.rows),
+           "complete": len(candidates(result.rows)), "uniform_top1_B": uniform, "dp_top1_B": dp,
+           "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
+           "best_size_kib": best.get("size_kib"), "uniform_beaten_by_front": _uniform_dominated(result),
+           "seconds": time.perf_counter() - start}  # fmt: skip
+    return row, candidates(result.rows)
 
 
 def _score_all_on_half_b(result, bundle, half_b) -> None:
@@ -151,18 +165,25 @@ def main() -> None:
     bundle = create_model(args.model, shared(CIFAR_WEIGHTS[args.model]))
     half_a, half_b = halves(load_image_folder(shared(CIFAR_TEST), bundle.preprocess))
     fp_b = Evaluator(half_b, bundle.preprocess).__call__(bundle.model).top1
-    rows = [run(args, b, s, seed, bundle, half_a, half_b)
+    runs = [run(args, b, s, seed, bundle, half_a, half_b)
             for b in args.budgets for s in args.samplers for seed in args.seeds]  # fmt: skip
     from dfq_search.report import format_table
+    from dfq_search.search.samples import campaign_samples
 
-    table = [{k: v for k, v in r.items() if k != "best_kind"} for r in rows]
+    table = [row for row, _ in runs]
+    heldout = campaign_samples(bundle, space_for(args, args.budgets[0], "tpe", 0).samples).heldout
+    tau, n_tau = label_free_tau([r for _, done in runs for r in done], bundle, heldout)
     print(f"\nFP top-1 on half B: {fp_b:.2f}")
     print(format_table(table))
+    print(f"label-free objective (-KL on held-out synthetic images) vs half-B top-1: Kendall tau {tau:.3f} "
+          f"over {n_tau} plans")  # fmt: skip
     emit(
         {
             "model": args.model,
             "fp_top1_B": fp_b,
             "rows": table,
+            "kendall_tau_label_free": tau,
+            "tau_plans": n_tau,
             "args": json.loads(json.dumps(vars(args), default=str)),
         }
     )

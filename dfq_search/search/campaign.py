@@ -431,10 +431,11 @@ def _score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> Non
 
 
 def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    by_plan = {}
+    """The complete trial of each warm-start plan, by name (plans that coincide: names joined by =)."""
+    by_plan: dict[str, str] = {}
     for name, bits in starts.items():
         plan = json.dumps({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
-        by_plan[plan] = name
+        by_plan[plan] = f"{by_plan[plan]} = {name}" if plan in by_plan else name
     out = {}
     for r in candidates(rows):
         name = by_plan.get(r["plan"])
