@@ -123,6 +123,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _yaml(text: str, what: str, value: str, fix: str) -> Any:
+    """``yaml.safe_load``: plain data only (tags such as !!python/object are refused), errors as one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise DfqError(f"{what} is not valid YAML", value, " ".join(str(err).split())[:300], fix) from None
+
+
 def _dotted(overrides: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
@@ -133,7 +141,7 @@ def _dotted(overrides: list[str]) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _yaml(raw, "override", item, "write a plain YAML value, e.g. train.iterations=200")
     return nested
 
 
@@ -144,7 +152,7 @@ def load_config(preset: str | Path | None = None, overrides: dict | list[str] | 
         path = PRESET_DIR / f"{preset}.yaml" if str(preset) in PRESETS else Path(preset)
         if not path.is_file():
             raise unknown_name("preset", str(preset), PRESETS, "name a preset or an existing YAML file")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text(), "config file", str(path), "fix the YAML") or {}
     if overrides:
         data = _merge(data, _dotted(overrides) if isinstance(overrides, list) else overrides)
     return _build(GameConfig, data, "")
