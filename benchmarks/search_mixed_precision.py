@@ -126,7 +126,10 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
 
     space = space_for(args, budget, sampler, seed)
     weights = str(shared(CIFAR_WEIGHTS[args.model]))
-    opts = CampaignOptions(space, args.model, weights, storage=args.storage, name=Path(space.source).name,
+    from dfq_search.fingerprint import config_hash
+
+    name = f"{space.source}-{config_hash(space)[:8]}"  # rerun: the same campaign, resumed or re-reported
+    opts = CampaignOptions(space, args.model, weights, storage=args.storage, name=name,
                            resume=True, val_images=half_a, test_images=half_b)  # fmt: skip
     start = time.perf_counter()
     result = run_campaign(opts, lambda line: print(line, flush=True))
