@@ -31,13 +31,24 @@ _LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collect
 
 @dataclass(frozen=True)
 class BufferDraw:
-    """What a trial holds to draw from the campaign's buffer (a name, not data)."""
+    """What a trial holds to draw from the campaign's buffer (a name, not data), and to warm-start its
+    own generator from the shared one: ``generators`` maps a source name (gdfq, lrq) to the worker
+    that trained that architecture."""
 
     name: str
     namespace: str = NAMESPACE
+    generators: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, n: int) -> Tensor:
         return SampleBuffer.connect(self.name, self.namespace).sample(n).x.float()
+
+    def generator_state(self, source: str) -> dict | None:
+        """The latest published state of a worker generator of architecture ``source``, or None."""
+        worker = dict(self.generators).get(source)
+        if worker is None:
+            return None
+        got = SampleBuffer.connect(self.name, self.namespace).latest_generator(worker)
+        return None if got is None else got[0]
 
 
 def _configs(cfg: Samples) -> list[WorkerConfig]:
@@ -96,7 +107,10 @@ def generator_samples(
         pool.shutdown()
         origin = f"{len(configs)} generator workers, {spilled} samples spilled to {bank_uri}"
     heldout = _heldout(bundle, buffer, configs, cfg.heldout)
-    return BufferDraw(name), heldout, time.perf_counter() - start, origin
+    sources: dict[str, str] = {}
+    for c in configs:
+        sources.setdefault(c.game_config().source.name, c.name)
+    return BufferDraw(name, NAMESPACE, tuple(sources.items())), heldout, time.perf_counter() - start, origin
 
 
 def _publish_to_bank(buffer: SampleBuffer, configs: list[WorkerConfig], uri: str, fingerprint: str) -> None:

@@ -154,6 +154,13 @@ class _Trial:
                 device=self.ctx.device,
             )
         game = Game(p, q, cfg, self.ctx.input_shape, self.ctx.num_classes, self.ctx.device)
+        shared = getattr(self.ctx.draw, "generator_state", None)
+        state = shared(cfg.source.name) if shared is not None else None
+        if state is not None:  # the campaign's generator workers did the warm-up for every trial
+            from dfq_search.bank import warm_start
+
+            warm_start(game, state)
+            self.extra["generator_warm_start"] = 1.0
         warmup, steps = cfg.train.warmup, cfg.train.iterations - cfg.train.warmup
         for mark in _marks(steps, levels):
             game.run(until=warmup + mark)

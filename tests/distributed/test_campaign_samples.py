@@ -102,3 +102,33 @@ def test_the_buffer_serves_eight_concurrent_readers(ray_session, tiny, tmp_path)
     generator_samples(tiny, CFG, str(tmp_path / "bank"), "readers", Resources(), quiet)
     got = ray.get([_reader.remote("readers", 20, 64) for _ in range(8)], timeout=300)
     assert got == [[64] * 20] * 8  # every request of every reader served in full
+
+
+def test_a_fine_tuning_trial_warm_starts_from_the_shared_generator(ray_session, tiny, tmp_path):
+    from dfq_search.quant import trace_layers
+    from dfq_search.search.define import PlanSpace, SpaceFunction
+    from dfq_search.search.objective import FidelityScorer
+    from dfq_search.search.space import parse_space
+    from dfq_search.search.trial import TrialContext, run_trial
+
+    draw, held, *_ = generator_samples(tiny, CFG, str(tmp_path / "bank"), "warm", Resources(), quiet)
+    state = draw.generator_state("gdfq")
+    assert state is not None and state["step"] == CFG.generator_steps
+    assert draw.generator_state("lrq") is None  # no worker trained that architecture
+    space = parse_space({
+        "bits": {"weight": {"_default": [4]}, "activation": {"_default": [4]}},
+        "method": {"kind": "qat", "qat": {"steps": 3, "warmup": 50, "batch_size": 8}},
+        "objective": {"reports": 2},
+    })  # fmt: skip
+    plans = PlanSpace(space, trace_layers(tiny.model, tiny.preprocess.example_input()))
+    config = SpaceFunction(plans)(_Fixed())
+    ctx = TrialContext(tiny.model, tiny.name, tiny.num_classes, tiny.preprocess.shape, None,
+                       FidelityScorer(tiny.model, held), reports=2, draw=draw, calibration=32)  # fmt: skip
+    reports = []
+    final = run_trial(config, ctx, lambda m, folder: reports.append(m))
+    assert final["generator_warm_start"] == 1.0 and len(reports) == 2
+
+
+class _Fixed:
+    def suggest_categorical(self, name, choices):
+        return choices[0]
