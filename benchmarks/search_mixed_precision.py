@@ -148,12 +148,12 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
 
 def _score_all_on_half_b(result, bundle, half_b) -> None:
     """Half-B top-1 of every complete trial (for τ and the table); the front ones already have it."""
-    from dfq_search.search.campaign import _score_on_test
+    from dfq_search.search.outputs import score_on_test
     from dfq_search.search.results import candidates
 
     missing = [r for r in candidates(result.rows) if r.get("test_top1") is None]
     if missing:
-        _score_on_test(missing, half_b, bundle)
+        score_on_test(missing, half_b, bundle)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,35 @@ import torch
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle, create_model
 from dfq_search.quant import LayerBits, trace_layers
-from dfq_search.quant.cost import FLOAT_BITS
 from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction
 from dfq_search.search.objective import FidelityScorer, LabelledScorer
-from dfq_search.search.results import (
-    best,
-    candidates,
-    front_table,
-    pareto_front,
-    plot_front,
-    result_rows,
-    write_parquet,
-)
+from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
 from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import SearchSpace
+from dfq_search.search.starts import (
+    SENSITIVITY_IMAGES,
+    dp_plan,
+    sensitivity,
+    warm_start_points,
+    warm_starts,
+)
 from dfq_search.search.trial import TrialContext
+
+__all__ = [
+    "CampaignOptions",
+    "CampaignResult",
+    "Prepared",
+    "check_storage",
+    "dp_plan",
+    "finalize",
+    "prepare",
+    "run_campaign",
+    "score_on_test",
+    "warm_starts",
+]
 
 Log = Callable[[str], None]
 MIN_FREE_BYTES = 200 * 2**20
-SENSITIVITY_IMAGES = 128
 
 
 @dataclass
@@ -92,16 +102,6 @@ class CampaignOptions:
                "val": str(self.val_data), "concurrency": self.concurrency}  # fmt: skip
         model = self.model_name.replace(":", "_").replace(".", "_")
         return f"{model}-{Path(self.space.source).stem}-{config_hash(key)[:8]}"
-
-
-@dataclass
-class CampaignResult:
-    run_dir: Path
-    rows: list[dict[str, Any]]
-    front: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    files: dict[str, str] = field(default_factory=dict)
-    marks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_storage(run_dir: Path, resume: bool) -> None:
@@ -174,21 +174,6 @@ def _check_modcap(space: SearchSpace, bundle: ModelBundle, example: torch.Tensor
         ) from None
 
 
-def _sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict:
-    path = run_dir / "sensitivity.json"
-    if path.is_file():
-        return {k: {int(b): v for b, v in d.items()} for k, d in json.loads(path.read_text()).items()}
-    from dfq_search.ptq.sensitivity import zeroq_sensitivity
-
-    probe = PlanSpace(plans_space, layers)
-    bits = sorted({w for c in probe.choices for w in c.w})
-    start = time.perf_counter()
-    sens = zeroq_sensitivity(bundle.model, list(calib[:SENSITIVITY_IMAGES].split(64)), bits, device)
-    log(f"sensitivity of {len(sens)} layers at bits {bits}: {time.perf_counter() - start:.1f} s")
-    path.write_text(json.dumps(sens))
-    return sens
-
-
 def _sample_grid(folder: Path, bundle: ModelBundle, calib: torch.Tensor, heldout: torch.Tensor) -> None:
     """The campaign's synthetic samples as TensorBoard image grids (calibration and held-out)."""
     from dfq_search.qat.reporter import TensorBoardReporter
@@ -197,41 +182,6 @@ def _sample_grid(folder: Path, bundle: ModelBundle, calib: torch.Tensor, heldout
     board.images(0, "samples/calibration", calib[:64])
     board.images(0, "samples/heldout", heldout[:64])
     board.close()
-
-
-def warm_starts(plans: PlanSpace) -> dict[str, dict[str, LayerBits]]:
-    """Named plans the campaign runs first: uniform ones that fit the budget and the sensitivity DP."""
-    out = {}
-    for bits in plans.uniform_bits():
-        ws = sorted({b.w for b in bits.values()})
-        out[f"uniform-w{'/'.join(map(str, ws))}"] = bits
-    dp = dp_plan(plans)
-    if dp is not None:
-        out["sensitivity-dp"] = dp
-    return out
-
-
-def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:
-    """ZeroQ's exact DP over the weight choices under a size budget (activations at their highest)."""
-    from dfq_search.ptq.sensitivity import allocate_bits
-
-    kind = plans.budget.kind
-    if not plans.sensitivity or kind in (None, "max_mbops", "uniform_bops"):
-        return None
-    params = {i.name: i.params for i in plans.layers}
-    total = sum(params[c.name] for c in plans.choices)
-    float_bits = FLOAT_BITS * (sum(params.values()) - total)  # layers left in float count in the size
-    limit_bits = {
-        "uniform_weight_bits": plans.uniform_limit * 8192 - float_bits,
-        "max_size_kib": (plans.budget.max_size_kib or 0) * 8192 - float_bits,
-        "mean_weight_bits": (plans.budget.mean_weight_bits or 0) * total,
-    }[kind]
-    sens = {c.name: {w: plans.sensitivity.get(c.name, {}).get(w, 0.0) for w in c.w} for c in plans.choices}
-    try:
-        chosen = allocate_bits(sens, params, limit_bits + 1e-6)
-    except DfqError:
-        return None
-    return {c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices}
 
 
 @dataclass
@@ -289,7 +239,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
     n_held = len(samples.heldout)
     log(f"samples: {space.samples.calibration} calibration + {n_held} held-out ({samples.origin})")
     _sample_grid(run_dir / "tensorboard" / "samples", bundle, calib, samples.heldout)
-    sens = _sensitivity(bundle, calib, space, layers, run_dir, device, log)
+    sens = sensitivity(bundle, calib, space, layers, run_dir, device, log)
     plans = PlanSpace(space, layers, sens)
     if val is not None:
         scorer = LabelledScorer(bundle.model, val, bundle.preprocess)
@@ -331,17 +281,6 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
     return Prepared(bundle, plans, ctx, starts, test, meta)
 
 
-def _points(plans: PlanSpace, starts: dict[str, dict[str, LayerBits]]) -> list[dict[str, Any]]:
-    seen, out = set(), []
-    for bits in starts.values():
-        params = plans.params_of(bits)
-        key = json.dumps(params, sort_keys=True)
-        if params and key not in seen:
-            seen.add(key)
-            out.append(params)
-    return out
-
-
 def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     """Run (or resume) a campaign and write its outputs; see the module docstring."""
     from dfq_search import distributed
@@ -371,14 +310,22 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
         },
     )
     (run_dir / "campaign.json").write_text(
-        json.dumps({**prep.meta, "search": asdict(search), "reports": s.objective.reports}, indent=1)
+        json.dumps(
+            {
+                **prep.meta,
+                "search": asdict(search),
+                "reports": s.objective.reports,
+                "space_resolved": asdict(s),
+            },
+            indent=1,
+        )
     )
     prep.ctx.p = prep.ctx.p.cpu()
     distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())
     setup = TuneSetup(
         SpaceFunction(prep.plans, seed=s.samples.seed),
         None if s.budget.repair else BudgetConstraint(prep.plans),
-        _points(prep.plans, prep.starts),
+        warm_start_points(prep.plans, prep.starts),
         prep.ctx,
         search.trials,
         search.sampler,
@@ -415,118 +362,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> None:
-    from dfq_search.checkpoint import load_quantized
-    from dfq_search.evaluate import Evaluator
-
-    device = next(bundle.model.parameters()).device
-    ev = Evaluator(test, bundle.preprocess, reference=bundle.model, device=device)
-    fp = ev(bundle.model).top1
-    for r in rows:
-        q, _ = load_quantized(Path(r["checkpoint"]) / "model.pt", device)
-        r["test_top1"] = ev(q).top1
-        r["test_drop"] = fp - r["test_top1"]
-
-
-def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The complete trial of each warm-start plan, by name (plans that coincide: names joined by =)."""
-    by_plan: dict[str, str] = {}
-    for name, bits in starts.items():
-        plan = json.dumps({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
-        by_plan[plan] = f"{by_plan[plan]} = {name}" if plan in by_plan else name
-    out = {}
-    for r in candidates(rows):
-        name = by_plan.get(r["plan"])
-        if name and name not in out:
-            out[name] = r
-    return out
-
-
-def finalize(
-    run_dir: Path, prep: Prepared | None, log: Log = print, extra: dict[str, Any] | None = None
-) -> CampaignResult:
-    """Rows, front, best and every output file of the campaign in ``run_dir``."""
-    from dfq_search.distributed.tune import load_results
-
-    meta = json.loads((run_dir / "campaign.json").read_text())
-    rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
-    front, top = pareto_front(rows), best(rows)
-    starts = (
-        prep.starts
-        if prep is not None
-        else {k: {n: LayerBits(**b) for n, b in v.items()} for k, v in meta.get("warm_starts", {}).items()}
-    )
-    marks = _marks(rows, starts)
-    shown = {r["trial"]: r for r in [*front, *marks.values(), *([top] if top else [])]}
-    if prep is not None and prep.test_data is not None and shown:
-        _score_on_test(list(shown.values()), prep.test_data, prep.bundle)
-    files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}
-    files["pareto_plot"] = str(
-        plot_front(rows, front, run_dir / "pareto.png", marks, meta.get("objective", "score"))
-    )
-    result = CampaignResult(run_dir, rows, front, top, files, marks)
-    if top is not None:
-        _write_best(result, prep)
-    summary = {**_summary(result), **(extra or {})}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    files["summary"] = str(run_dir / "summary.json")
-    _print(result, log)
-    return result
-
-
-def _write_best(result: CampaignResult, prep: Prepared | None) -> None:
-    import yaml
-
-    top, run_dir = result.best, result.run_dir
-    plan_path = run_dir / "best_plan.yaml"
-    plan_path.write_text(yaml.safe_dump(json.loads(top["plan"]), sort_keys=False))
-    model_path = run_dir / "best_model.pt"
-    shutil.copyfile(Path(top["checkpoint"]) / "model.pt", model_path)
-    result.files |= {"best_plan": str(plan_path), "best_model": str(model_path)}
-    try:
-        from dfq_search.checkpoint import load_quantized
-        from dfq_search.export import export_onnx
-
-        q, meta = load_quantized(model_path)
-        result.files["best_onnx"] = str(
-            export_onnx(q, meta["preprocess"].example_input(), run_dir / "best_model.onnx")
-        )
-    except (DfqError, ImportError) as err:
-        result.files["best_onnx"] = f"not written: {err}"
-
-
-def _summary(result: CampaignResult) -> dict[str, Any]:
-    counts = {
-        s: sum(r["status"] == s for r in result.rows) for s in ("complete", "stopped", "infeasible", "failed")
-    }
-    return {
-        "trials": len(result.rows),
-        **counts,
-        "best": result.best,
-        "front": result.front,
-        "warm_starts": result.marks,
-        "files": result.files,
-    }
-
-
-def _print(result: CampaignResult, log: Log) -> None:
-    counts = _summary(result)
-    log(
-        f"\n{counts['trials']} trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
-        f"{counts['infeasible']} over budget, {counts['failed']} failed"
-    )
-    extra = ("test_top1", "test_drop")
-    if result.front:
-        log("Pareto front (score vs weight size):\n" + front_table(result.front, extra))
-    if result.marks:
-        named = [{**r, "trial": f"{name} ({r['trial']})"} for name, r in result.marks.items()]
-        log("warm starts:\n" + front_table(named, extra))
-    if result.best is not None:
-        log("best:\n" + front_table([result.best], extra))
-    log(
-        "files:\n"
-        + "\n".join(f"  {k}: {v}" for k, v in result.files.items())
-        + f"\n  tensorboard: {result.run_dir / 'tensorboard'}"
-    )

@@ -1,0 +1,152 @@
+"""What a campaign leaves behind: results.parquet, the Pareto front (table and PNG), the best plan and
+model (checkpoint, ONNX), summary.json; the candidates scored on test images when there are some.
+``finalize`` rebuilds all of it from the campaign folder (``dfq-search report``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfq_search.errors import DfqError
+from dfq_search.models import ModelBundle
+from dfq_search.quant import LayerBits
+from dfq_search.search.results import (
+    best,
+    candidates,
+    front_table,
+    pareto_front,
+    plot_front,
+    result_rows,
+    write_parquet,
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CampaignResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    files: dict[str, str] = field(default_factory=dict)
+    marks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> None:
+    from dfq_search.checkpoint import load_quantized
+    from dfq_search.evaluate import Evaluator
+
+    device = next(bundle.model.parameters()).device
+    ev = Evaluator(test, bundle.preprocess, reference=bundle.model, device=device)
+    fp = ev(bundle.model).top1
+    for r in rows:
+        q, _ = load_quantized(Path(r["checkpoint"]) / "model.pt", device)
+        r["test_top1"] = ev(q).top1
+        r["test_drop"] = fp - r["test_top1"]
+
+
+def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The complete trial of each warm-start plan, by name (plans that coincide: names joined by =)."""
+    by_plan: dict[str, str] = {}
+    for name, bits in starts.items():
+        plan = json.dumps({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
+        by_plan[plan] = f"{by_plan[plan]} = {name}" if plan in by_plan else name
+    out = {}
+    for r in candidates(rows):
+        name = by_plan.get(r["plan"])
+        if name and name not in out:
+            out[name] = r
+    return out
+
+
+def finalize(
+    run_dir: Path, prep: Any, log: Log = print, extra: dict[str, Any] | None = None
+) -> CampaignResult:
+    """Rows, front, best and every output file of the campaign in ``run_dir``."""
+    from dfq_search.distributed.tune import load_results
+
+    meta = json.loads((run_dir / "campaign.json").read_text())
+    rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
+    front, top = pareto_front(rows), best(rows)
+    starts = (
+        prep.starts
+        if prep is not None
+        else {k: {n: LayerBits(**b) for n, b in v.items()} for k, v in meta.get("warm_starts", {}).items()}
+    )
+    marks = _marks(rows, starts)
+    shown = {r["trial"]: r for r in [*front, *marks.values(), *([top] if top else [])]}
+    if prep is not None and prep.test_data is not None and shown:
+        score_on_test(list(shown.values()), prep.test_data, prep.bundle)
+    files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}
+    files["pareto_plot"] = str(
+        plot_front(rows, front, run_dir / "pareto.png", marks, meta.get("objective", "score"))
+    )
+    result = CampaignResult(run_dir, rows, front, top, files, marks)
+    if top is not None:
+        _write_best(result, prep)
+    summary = {**_summary(result), **(extra or {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    files["summary"] = str(run_dir / "summary.json")
+    _print(result, log)
+    return result
+
+
+def _write_best(result: CampaignResult, prep: Any) -> None:
+    import yaml
+
+    top, run_dir = result.best, result.run_dir
+    plan_path = run_dir / "best_plan.yaml"
+    plan_path.write_text(yaml.safe_dump(json.loads(top["plan"]), sort_keys=False))
+    model_path = run_dir / "best_model.pt"
+    shutil.copyfile(Path(top["checkpoint"]) / "model.pt", model_path)
+    result.files |= {"best_plan": str(plan_path), "best_model": str(model_path)}
+    try:
+        from dfq_search.checkpoint import load_quantized
+        from dfq_search.export import export_onnx
+
+        q, meta = load_quantized(model_path)
+        result.files["best_onnx"] = str(
+            export_onnx(q, meta["preprocess"].example_input(), run_dir / "best_model.onnx")
+        )
+    except (DfqError, ImportError) as err:
+        result.files["best_onnx"] = f"not written: {err}"
+
+
+def _summary(result: CampaignResult) -> dict[str, Any]:
+    counts = {
+        s: sum(r["status"] == s for r in result.rows) for s in ("complete", "stopped", "infeasible", "failed")
+    }
+    return {
+        "trials": len(result.rows),
+        **counts,
+        "best": result.best,
+        "front": result.front,
+        "warm_starts": result.marks,
+        "files": result.files,
+    }
+
+
+def _print(result: CampaignResult, log: Log) -> None:
+    counts = _summary(result)
+    log(
+        f"\n{counts['trials']} trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
+        f"{counts['infeasible']} over budget, {counts['failed']} failed"
+    )
+    extra = ("test_top1", "test_drop")
+    if result.front:
+        log("Pareto front (score vs weight size):\n" + front_table(result.front, extra))
+    if result.marks:
+        named = [{**r, "trial": f"{name} ({r['trial']})"} for name, r in result.marks.items()]
+        log("warm starts:\n" + front_table(named, extra))
+    if result.best is not None:
+        log("best:\n" + front_table([result.best], extra))
+    log(
+        "files:\n"
+        + "\n".join(f"  {k}: {v}" for k, v in result.files.items())
+        + f"\n  tensorboard: {result.run_dir / 'tensorboard'}"
+    )
