@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfq_search.errors import DfqError, close_matches
-from dfq_search.quant.cost import layer_costs
+from dfq_search.quant.cost import FLOAT_BITS, layer_costs
 from dfq_search.quant.plan import BitPlan, LayerBits
 from dfq_search.quant.quantize import first_last_names
 from dfq_search.quant.trace import LayerInfo
@@ -160,7 +160,8 @@ class PlanSpace:
             lower_w = [w for w in c.w if w < b.w]
             if lower_w:
                 w = lower_w[-1]
-                saved = info[c.name].params * (b.w - w) * (b.a if bops else 1)
+                a_cost = FLOAT_BITS if info[c.name].reads_model_input else b.a  # as the cost model counts
+                saved = info[c.name].params * (b.w - w) * (a_cost if bops else 1)
                 om = self.sensitivity.get(c.name, {})
                 harm = om[w] - om[b.w] if w in om and b.w in om else 1.0
                 moves.append((max(harm, 0.0) / saved - saved * 1e-18, c.name, LayerBits(w, b.a)))

@@ -65,6 +65,8 @@ def parse_knob(name: str, raw: Any, check: Callable[[Any], Any] | None = None) -
         low, high = check(raw["low"]), check(raw["high"])
         if not isinstance(low, (int, float)) or isinstance(low, bool) or not low <= high:
             raise DfqError(f"range of {name!r}", raw, "numbers with low <= high", "fix the range")
+        if raw.get("int") and not (float(low).is_integer() and float(high).is_integer()):
+            raise DfqError(f"int range of {name!r}", raw, "whole-number ends", "write low, high as integers")
         if raw.get("log") and low <= 0:
             raise DfqError(f"log range of {name!r}", raw, "low > 0 on a log scale", "raise low or drop log")
         return Knob(name, (), float(low), float(high), bool(raw.get("log")), bool(raw.get("int")))

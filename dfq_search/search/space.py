@@ -298,7 +298,8 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         raise unknown_name("sampler", str(search["sampler"]), SAMPLERS, "set search.sampler to one of them")
     warm = search.get("warm_start", Search.warm_start)
     for w in warm if isinstance(warm, list | tuple) else [warm]:
-        one_of("search.warm_start", WARM_STARTS)(w)
+        if w not in WARM_STARTS:
+            raise unknown_name("warm start", str(w), WARM_STARTS, "set search.warm_start to a list of them")
     search["warm_start"] = tuple(warm if isinstance(warm, list | tuple) else [warm])
     search = _typed(
         Search,
