@@ -192,7 +192,7 @@ def test_search_and_samples_checks():
     err = _refused(r"unknown sampler \(did you mean 'tpe'\?\): got 'tpee'", search={"sampler": "tpee"})
     assert "nsga2" in str(err)
     _refused(
-        r"search.warm_start: got 'sensitivty'.*'sensitivity'",
+        r"unknown warm start \(did you mean 'sensitivity'\?\): got 'sensitivty'",
         search={"warm_start": ["uniform", "sensitivty"]},
     )
     _refused(r"samples.bank: got None; a bank URI", samples={"source": "bank"})
