@@ -264,6 +264,8 @@ def export_onnx(
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        # option-A shortcuts slice with a step of 2, which the exporter cannot constant-fold: harmless
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             twin, (x,), str(path), opset_version=opset, input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs,
