@@ -172,7 +172,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     s.data = None if args.no_eval else _load_data(args, s.bundle)
     q = _quantize(args, s, plan)
     config = get_protocol(args.protocol).config
-    path = save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config)
+    path = save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config, s.bundle.preprocess)
     row = {"model": s.bundle.name, **_cost_row(s, plan)}
     if s.data is not None:
         ev = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,

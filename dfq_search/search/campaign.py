@@ -257,6 +257,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         space.objective.eval_fraction,
         draw=draw,
         calibration=space.samples.calibration,
+        preprocess=bundle.preprocess,
     )
     starts = warm_starts(plans) if space.search.warm_start else {}
     starts = {

@@ -47,6 +47,7 @@ class TrialContext:
     device: str = "cpu"
     draw: Callable[[int], Tensor] | None = None  # n -> samples from the campaign's shared buffer
     calibration: int = 256  # how many to draw
+    preprocess: Any = None  # P's Preprocess, kept in the checkpoints (a user model needs it to rebuild)
 
     def calibration_images(self) -> Tensor:
         return self.calib if self.calib is not None else self.draw(self.calibration)
@@ -172,9 +173,9 @@ class _Trial:
         metrics = self.emit(q, final=True)
         config = PROTOCOLS["ptq" if "ptq" in self.kind else "generative"].config
         with tempfile.TemporaryDirectory(prefix="dfq_trial_") as tmp:
-            save_quantized(
-                Path(tmp) / "model.pt", q, self.ctx.model_name, self.ctx.num_classes, self.plan, config
-            )
+            ctx = self.ctx
+            save_quantized(Path(tmp) / "model.pt", q, ctx.model_name, ctx.num_classes, self.plan, config,
+                           ctx.preprocess)  # fmt: skip
             self.report(metrics, Path(tmp))
         return metrics
 
