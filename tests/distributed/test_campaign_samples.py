@@ -41,9 +41,16 @@ def quiet(_line: str) -> None:
     pass
 
 
-def test_generation_fills_the_bank_and_a_rerun_reloads_it(ray_session, tiny, tmp_path):
-    bank = str(tmp_path / "bank")
+@pytest.fixture(scope="module")
+def generated(ray_session, tiny, tmp_path_factory):
+    """One generation for the module: (bank, draw, held-out); the other tests reload the bank."""
+    bank = str(tmp_path_factory.mktemp("campaign_bank") / "bank")
     draw, held, _, origin = generator_samples(tiny, CFG, bank, "fill-a", Resources(), quiet)
+    return bank, draw, held, origin
+
+
+def test_generation_fills_the_bank_and_a_rerun_reloads_it(generated, tiny):
+    bank, draw, held, origin = generated
     assert "spilled" in origin and len(held) == CFG.heldout
     assert SampleBank.open(bank).info()["samples"] == KEPT
     x = draw(CFG.calibration)
@@ -54,9 +61,8 @@ def test_generation_fills_the_bank_and_a_rerun_reloads_it(ray_session, tiny, tmp
     assert len(draw2(32)) == 32
 
 
-def test_a_killed_buffer_shard_is_rebuilt_from_the_bank(ray_session, tiny, tmp_path):
-    bank = str(tmp_path / "bank")
-    draw, *_ = generator_samples(tiny, CFG, bank, "rebuild", Resources(), quiet)
+def test_a_killed_buffer_shard_is_rebuilt_from_the_bank(generated, tiny):
+    draw, *_ = generator_samples(tiny, CFG, generated[0], "rebuild", Resources(), quiet)
     shard = ray.get_actor("rebuild/0", namespace=NAMESPACE)
     ray.kill(shard, no_restart=False)
     x = draw(48)  # retried until the restarted shard has reloaded the bank
@@ -98,20 +104,20 @@ def _reader(name: str, draws: int, n: int) -> list[int]:
     return [len(draw(n)) for _ in range(draws)]
 
 
-def test_the_buffer_serves_eight_concurrent_readers(ray_session, tiny, tmp_path):
-    generator_samples(tiny, CFG, str(tmp_path / "bank"), "readers", Resources(), quiet)
+def test_the_buffer_serves_eight_concurrent_readers(generated, tiny):
+    generator_samples(tiny, CFG, generated[0], "readers", Resources(), quiet)
     got = ray.get([_reader.remote("readers", 20, 64) for _ in range(8)], timeout=300)
     assert got == [[64] * 20] * 8  # every request of every reader served in full
 
 
-def test_a_fine_tuning_trial_warm_starts_from_the_shared_generator(ray_session, tiny, tmp_path):
+def test_a_fine_tuning_trial_warm_starts_from_the_shared_generator(generated, tiny):
     from dfq_search.quant import trace_layers
     from dfq_search.search.define import PlanSpace, SpaceFunction
     from dfq_search.search.objective import FidelityScorer
     from dfq_search.search.space import parse_space
     from dfq_search.search.trial import TrialContext, run_trial
 
-    draw, held, *_ = generator_samples(tiny, CFG, str(tmp_path / "bank"), "warm", Resources(), quiet)
+    draw, held, *_ = generator_samples(tiny, CFG, generated[0], "warm", Resources(), quiet)
     state = draw.generator_state("gdfq")
     assert state is not None and state["step"] == CFG.generator_steps
     assert draw.generator_state("lrq") is None  # no worker trained that architecture

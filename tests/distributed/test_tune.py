@@ -124,8 +124,8 @@ if __name__ == "__main__":
 
 def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
     space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
-    space["method"]["ptq"]["iters"] = 100
-    space["search"]["trials"] = 200
+    space["method"]["ptq"]["iters"] = 20
+    space["search"]["trials"] = 500
     path = tmp_path / "timed.yaml"
     path.write_text(yaml.safe_dump(space))
     argv = cli(
@@ -137,7 +137,7 @@ def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
         "--num-cpus",
         "2",
         "--time-budget",
-        "15",
+        "20",
         "--name",
         "timed",
     )
@@ -145,6 +145,6 @@ def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
     proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "timed" / "results.parquet").to_pylist()
-    assert 1 <= len(rows) < 200
+    assert 1 <= len(rows) < 500  # it stopped starting trials long before the 500th
     assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None
-    assert time.time() - start < 15 + 90  # the budget, plus start-up and the final outputs
+    assert time.time() - start < 20 + 150  # the budget, plus start-up and the final outputs
