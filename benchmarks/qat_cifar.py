@@ -103,8 +103,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def game_iterations(args: argparse.Namespace) -> int:
-    """The game's iterations: the budget less the batches the PTQ start's images take."""
-    return args.iterations - (math.ceil(args.ptq_images / args.batch) if args.start == "ptq" else 0)
+    """The game's iterations: the budget less the batches the PTQ start's images take (benchmarks that
+    reuse this module, such as buffer.py, have no PTQ start)."""
+    if getattr(args, "start", "rtn") != "ptq":
+        return args.iterations
+    return args.iterations - math.ceil(args.ptq_images / args.batch)
 
 
 def overrides(args: argparse.Namespace, extra: dict, seed: int) -> list[str]:
