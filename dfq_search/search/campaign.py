@@ -259,13 +259,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         calibration=space.samples.calibration,
         preprocess=bundle.preprocess,
     )
-    starts = warm_starts(plans) if space.search.warm_start else {}
-    starts = {
-        k: v
-        for k, v in starts.items()
-        if k.split("-")[0] in {w.split("-")[0] for w in space.search.warm_start}
-        or (k == "sensitivity-dp" and "sensitivity" in space.search.warm_start)
-    }
+    starts = warm_starts(plans, space.search.warm_start)
     meta = {
         "model": bundle.name,
         "space": space.source,

@@ -34,13 +34,16 @@ def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: 
     return sens
 
 
-def warm_starts(plans: PlanSpace) -> dict[str, dict[str, LayerBits]]:
-    """Named plans the campaign runs first: uniform ones that fit the budget and the sensitivity DP."""
+def warm_starts(
+    plans: PlanSpace, kinds: tuple[str, ...] = ("uniform", "sensitivity")
+) -> dict[str, dict[str, LayerBits]]:
+    """Named plans the campaign runs first, of ``kinds``: uniform ones that fit the budget
+    ("uniform") and the sensitivity DP ("sensitivity")."""
     out = {}
-    for bits in plans.uniform_bits():
+    for bits in plans.uniform_bits() if "uniform" in kinds else []:
         ws = sorted({b.w for b in bits.values()})
         out[f"uniform-w{'/'.join(map(str, ws))}"] = bits
-    dp = dp_plan(plans)
+    dp = dp_plan(plans) if "sensitivity" in kinds else None
     if dp is not None:
         out["sensitivity-dp"] = dp
     return out

@@ -63,6 +63,17 @@ def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
     assert summary["best"]["trial"] in again.stdout.split("best:")[1]
 
 
+def smoke_space(tmp_path: Path, name: str, iters: int, trials: int | None = None) -> Path:
+    """tiny_smoke with longer or shorter trials (and another trial count), as a file named ``name``."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
+    space["method"]["ptq"]["iters"] = iters
+    if trials is not None:
+        space["search"]["trials"] = trials
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
 def _finished(run: Path) -> dict[str, bytes]:
     """result.json of every trial that saved its final checkpoint."""
     done = [d for d in run.glob("trial_*") if list(d.glob("checkpoint_*"))]
@@ -70,10 +81,7 @@ def _finished(run: Path) -> dict[str, bytes]:
 
 
 def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache):
-    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
-    space["method"]["ptq"]["iters"] = 300  # trials of a few seconds, so the kill lands mid-campaign
-    path = tmp_path / "slow.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(tmp_path, "slow", iters=300)  # trials of seconds: the kill lands mid-campaign
     argv = cli(
         "run",
         "--space",
@@ -123,11 +131,7 @@ if __name__ == "__main__":
 
 
 def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
-    space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
-    space["method"]["ptq"]["iters"] = 20
-    space["search"]["trials"] = 500
-    path = tmp_path / "timed.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(tmp_path, "timed", iters=20, trials=500)
     argv = cli(
         "run",
         "--space",
