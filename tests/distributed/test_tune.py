@@ -81,7 +81,7 @@ def _finished(run: Path) -> dict[str, bytes]:
 
 
 def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache):
-    path = smoke_space(tmp_path, "slow", iters=300)  # trials of seconds: the kill lands mid-campaign
+    path = smoke_space(tmp_path, "slow", iters=1000)  # trials of seconds: the kill lands mid-campaign
     argv = cli(
         "run",
         "--space",
