@@ -4,7 +4,8 @@ Every trial runs the same data-free fine-tuning of the same round-to-nearest Q (
 ``--iterations`` steps of ``--batch`` samples, the first ``--warmup`` generator-only), in three modes:
 
     own     each trial plays the whole game itself (generator and Q steps, as benchmarks/qat_cifar.py)
-    shared  ``--workers`` Ray generator workers run the generator half once (split between them) and
+    shared  ``--workers`` Ray generator workers run the generator half once (the warm-up by one of
+            them, which the others fork from; the kept steps split between them) and
             fill one sample buffer; each trial makes the same Q steps on buffer samples (P's logits
             come with them); the buffer is then spilled to a bank on disk
     bank    a second campaign: a fresh buffer loaded from that bank, no generation at all
@@ -129,7 +130,7 @@ def run_trials(mode: str, bundle, args, ev, device, buf=None) -> list[dict]:
 
 
 def fill_shared(bundle, args) -> tuple[object, dict]:
-    """Workers split the generator steps (each with its own warm-up); returns (buffer, seconds)."""
+    """Workers split the generator steps after one shared warm-up; returns (buffer, seconds)."""
     kept = args.iterations - args.warmup
     ovr = overrides(args, METHODS[args.method][1], 0)
     configs = [WorkerConfig(name=f"{args.method}-{i}", preset=args.method, overrides=ovr, seed=i,

@@ -47,6 +47,10 @@ class WorkerConfig:
     chunk: int = 256  # samples sent to the buffer (or written as one bank shard) at a time
     publish_every: int = 100
     pause_when_full: bool = True
+    # Start from the generator of worker ``fork_from`` (same source and sample losses) as published at
+    # the end of its warm-up (step ``keep_after``) instead of repeating the warm-up; this worker's own
+    # ``seed`` then drives its sampling. Set by ``WorkerPool(share_warmup=True)``.
+    fork_from: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> WorkerConfig:
@@ -111,6 +115,13 @@ class SourceTrainer:
         self.gen.set_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state.get("seconds", 0.0))
         self.cpu_seconds = float(state.get("cpu_seconds", 0.0))
+
+    def fork(self, state: dict) -> None:
+        """Continue another trainer's generator (its weights, Adam and step) with this trainer's own
+        seed for sampling; the seconds it spent stay on its clock, not on this one's."""
+        self.load_state_dict(state)
+        self.gen.manual_seed(self.game.train.seed)
+        self.seconds = self.cpu_seconds = 0.0
 
 
 def warm_start(game: Game, state: dict, skip_warmup: bool = True) -> None:

@@ -180,6 +180,10 @@ class SampleBuffer:
     def publish(self, name: str, step: int, state: dict, meta: dict | None = None):
         return self.shards[0].publish.remote(name, step, state, meta or {})
 
+    def published(self) -> dict[str, dict]:
+        """The metadata (step, config hash) of every generator's latest published version."""
+        return ray.get(self.shards[0].published.remote())
+
     def latest_generator(self, name: str) -> tuple[dict, dict] | None:
         """(state, meta) of the latest published version of generator ``name``, or None."""
         got = ray.get(self.shards[0].latest_generator.remote(name))

@@ -26,7 +26,6 @@ from dfq_search.search.space import Resources, Samples
 
 HELDOUT_SEED = 7919
 _LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collects actors nobody holds
-_LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collects actors nobody holds
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ buffer is full (``pause_when_full``). It asks for a fraction of a GPU when the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 
@@ -20,6 +21,7 @@ import torch
 from dfq_search.bank import SourceTrainer, WorkerConfig, concat
 from dfq_search.distributed.buffer import SampleBuffer
 from dfq_search.distributed.session import actor_device, gpu_fraction
+from dfq_search.errors import DfqError
 
 
 @ray.remote(max_concurrency=2)  # run() in one thread; pause/stop/status answered in the other
@@ -39,11 +41,14 @@ class GeneratorWorker:
             self.resumed_from = self.trainer.step_count
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         self.paused, self.stopped = threading.Event(), threading.Event()
-        self.waiting_full = False
+        self.waiting_full = self.forking = False
+        self.forked_at: int | None = None
 
     def run(self) -> dict:
         """Train until ``config.steps`` (or ``stop``); returns :meth:`status` at the end."""
         cfg, pending, in_flight = self.config, [], None
+        if cfg.fork_from and self.trainer.step_count == 0:
+            self._fork()
         while self.trainer.step_count < cfg.steps and not self.stopped.is_set():
             if self.paused.is_set() or self._full():
                 time.sleep(0.05)
@@ -55,6 +60,8 @@ class GeneratorWorker:
                 in_flight = self._send(pending, in_flight)
             if self.trainer.step_count % cfg.publish_every == 0:
                 self._publish()
+            if self.trainer.step_count == cfg.keep_after:
+                self._publish(warmup_name(cfg.name))
         in_flight = self._send(pending, in_flight)
         if in_flight is not None:
             ray.get(in_flight)
@@ -77,9 +84,35 @@ class GeneratorWorker:
             self.waiting_full = not self.buffer.wants_more()
         return self.waiting_full
 
-    def _publish(self):
+    def _publish(self, name: str | None = None):
         meta = {"config_hash": self.hash, "config": {"worker": vars(self.config)}}
-        return self.buffer.publish(self.config.name, self.trainer.step_count, self.trainer.state_dict(), meta)
+        name = name or self.config.name
+        return self.buffer.publish(name, self.trainer.step_count, self.trainer.state_dict(), meta)
+
+    def _fork(self) -> None:
+        """Wait for the warm-up of worker ``fork_from`` to be published, then continue from it. When
+        that worker is not running (no room for it on the cluster yet, or gone) or resumed past its
+        warm-up (a resumed run, whose warm-up was never published here), train the warm-up here."""
+        self.forking, leader, warm = True, self.config.fork_from, warmup_name(self.config.fork_from)
+        while not self.stopped.is_set() and self._running(leader):
+            meta = self.buffer.published()  # the leader's first: @warmup precedes its later versions
+            if warm in meta and meta[warm].get("config_hash") == self.hash:
+                self.trainer.fork(self.buffer.latest_generator(warm)[0])
+                self.forked_at = self.trainer.step_count
+                break
+            if meta.get(leader, {}).get("step", 0) > self.config.keep_after:
+                break
+            time.sleep(0.1)
+        self.forking = False
+
+    def _running(self, worker: str, timeout: float = 10.0) -> bool:
+        """Whether worker ``worker`` of this buffer answers within ``timeout`` seconds."""
+        try:
+            actor = ray.get_actor(f"{self.buffer.name}/worker/{worker}", namespace=self.buffer.namespace)
+            ray.get(actor.status.remote(), timeout=timeout)
+            return True
+        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return False
 
     def pause(self) -> None:
         self.paused.set()
@@ -94,23 +127,65 @@ class GeneratorWorker:
         return {"name": self.config.name, "step": self.trainer.step_count, "steps": self.config.steps,
                 "generator_seconds": self.trainer.seconds,
                 "generator_cpu_seconds": self.trainer.cpu_seconds, "resumed_from": self.resumed_from,
+                "forked_at": self.forked_at, "waiting_for_warmup": self.forking,
                 "reconstructed": self.reconstructed, "paused": self.paused.is_set(),
                 "waiting_full": self.waiting_full, "device": str(self.trainer.device)}  # fmt: skip
 
 
+def warmup_name(worker: str) -> str:
+    """The name under which a worker publishes its generator at the end of its warm-up."""
+    return f"{worker}@warmup"
+
+
+def share_warmups(configs: list[WorkerConfig]) -> list[WorkerConfig]:
+    """Workers of one generator config (source and sample losses) and one warm-up length run the
+    warm-up once: the first of them trains it, the others fork from it (``fork_from``)."""
+    leaders: dict[tuple[str, int], str] = {}
+    out = []
+    for c in configs:
+        if c.keep_after <= 0 or c.fork_from or c.steps <= c.keep_after:
+            out.append(c)
+            continue
+        leader = leaders.setdefault((c.generator_hash(), c.keep_after), c.name)
+        out.append(c if leader == c.name else dataclasses.replace(c, fork_from=leader))
+    return out
+
+
+def _check_forks(configs: list[WorkerConfig]) -> None:
+    by_name = {c.name: c for c in configs}
+    for c in configs:
+        if not c.fork_from:
+            continue
+        leader = by_name.get(c.fork_from)
+        if leader is None or leader.fork_from or leader.steps < leader.keep_after or leader.keep_after <= 0:
+            valid = sorted(n for n, w in by_name.items() if w.keep_after > 0)
+            raise DfqError(f"worker {c.name!r}: fork_from names no worker of this pool that trains a warm-up",
+                           c.fork_from, f"one of {valid}",
+                           "name a worker with keep_after > 0 and steps >= keep_after")  # fmt: skip
+        if (leader.generator_hash(), leader.keep_after) != (c.generator_hash(), c.keep_after):
+            raise DfqError(f"worker {c.name!r} forks from a worker of another generator config or warm-up",
+                           c.fork_from, "a worker with the same preset, overrides and keep_after",
+                           "drop fork_from or align the configs")  # fmt: skip
+
+
 class WorkerPool:
-    """Generator workers of one buffer: start them, run them, pause, stop, watch them."""
+    """Generator workers of one buffer: start them, run them, pause, stop, watch them.
+
+    With ``share_warmup`` (the default) workers of the same generator config train its warm-up once
+    (:func:`share_warmups`): N workers then cost one warm-up plus their kept steps, not N warm-ups.
+    """
 
     def __init__(
         self, configs: list[WorkerConfig], p: torch.nn.Module, input_shape, num_classes: int,
         buffer: SampleBuffer, gpus_per_worker: float = 0.25, cpus_per_worker: float = 1,
-        max_restarts: int = 3,
+        max_restarts: int = 3, share_warmup: bool = True,
     ) -> None:  # fmt: skip
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
-            from dfq_search.errors import DfqError
-
             raise DfqError("duplicate worker names", names, "one name per worker", "give each a name")
+        configs = share_warmups(configs) if share_warmup else configs
+        _check_forks(configs)
+        self.configs = {c.name: c for c in configs}
         # P travels once, through the object store. The pool keeps the ref alive: a restarted worker
         # reads its constructor arguments again, and they vanish with the last reference (ray#53727).
         self.p_ref = p_ref = ray.put(copy.deepcopy(p).cpu().eval())

@@ -51,6 +51,22 @@ def test_trainer_is_the_games_warmup_and_warm_starts_a_game(tiny):
     assert fresh.q_steps == 1  # the next step after the shared warm-up is already a Q step
 
 
+def test_fork_continues_the_generator_with_its_own_seed_and_clock(tiny):
+    shape = tiny.preprocess.shape
+    leader = SourceTrainer(tiny.model, WorkerConfig(seed=0, overrides=OVR), shape, 10)
+    for _ in range(3):
+        leader.step()
+    state = leader.state_dict()
+    follower = SourceTrainer(tiny.model, WorkerConfig(seed=5, overrides=OVR), shape, 10)
+    follower.fork(state)
+    assert follower.step_count == 3 and follower.seconds == follower.cpu_seconds == 0.0
+    assert torch.equal(follower.source.fc.weight, leader.source.fc.weight)
+    assert follower.opt.state_dict()["state"][0]["step"] == 3  # Adam's moments came along
+    mine, theirs = follower.step()[0], leader.step()[0]
+    assert not torch.equal(mine.y, theirs.y) or not torch.allclose(mine.x, theirs.x)  # own latent draws
+    assert follower.step_count == leader.step_count == 4 and follower.seconds > 0
+
+
 def test_worker_config_refuses_unknown_keys_and_q_terms(tiny):
     with pytest.raises(DfqError, match="did you mean 'steps'"):
         WorkerConfig.from_dict({"step": 3})

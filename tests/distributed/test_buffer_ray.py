@@ -116,6 +116,70 @@ def test_worker_pauses_when_buffer_full_and_on_request(ray_session, tiny):
     pool.shutdown()
 
 
+def test_workers_of_one_config_train_the_warmup_once(ray_session, tiny):
+    shape = tiny.preprocess.shape
+    buf = SampleBuffer.start("fork", 4096, shape, 10, namespace="dfq_search_tests")
+    configs = [worker(f"g{i}", i, 10, keep_after=4) for i in range(3)] + [worker("l", 3, 10, preset="lrq",
+                                                                                 keep_after=4)]  # fmt: skip
+    pool = WorkerPool(configs, tiny.model, shape, 10, buf, cpus_per_worker=0.5)  # all four run at once
+    assert [c.fork_from for c in pool.configs.values()] == [None, "g0", "g0", None]  # lrq: its own warm-up
+    pool.run()
+    done = pool.wait(timeout=120)
+    assert {n: d["forked_at"] for n, d in done.items()} == {"g0": None, "g1": 4, "g2": 4, "l": None}
+    assert all(d["step"] == 10 for d in done.values())
+    held = buf.stats()["shards"][0]["held_per_generator"]
+    assert held == {"g0": 6 * BATCH, "g1": 6 * BATCH, "g2": 6 * BATCH, "l": 6 * BATCH}
+    batch = buf.sample(len(configs) * 6 * BATCH)
+    assert int(batch.step.min()) >= 4
+    x = {g: batch.x[[b == g for b in batch.generator]] for g in ("g1", "g2")}
+    assert not torch.equal(x["g1"].sort(0).values, x["g2"].sort(0).values)  # forks sample apart
+    pool.shutdown()
+    unforked = WorkerPool(configs[:2], tiny.model, shape, 10, buf, share_warmup=False)
+    assert [c.fork_from for c in unforked.configs.values()] == [None, None]
+    unforked.shutdown()
+
+
+def test_a_fork_from_a_resumed_leader_trains_its_own_warmup(ray_session, tiny):
+    shape = tiny.preprocess.shape
+    buf = SampleBuffer.start("fork-resumed", 4096, shape, 10, namespace="dfq_search_tests")
+    from dfq_search.bank import SourceTrainer
+
+    lead = worker("r0", 0, 12, keep_after=4)
+    trainer = SourceTrainer(tiny.model, lead, shape, 10)
+    for _ in range(6):  # a previous run got past the warm-up; only its step-6 state survives
+        trainer.step()
+    buf.publish("r0", 6, trainer.state_dict(), {"config_hash": lead.generator_hash()})
+    pool = WorkerPool([lead, worker("r1", 1, 12, keep_after=4)], tiny.model, shape, 10, buf)
+    pool.run()
+    done = pool.wait(timeout=120)
+    assert done["r0"]["resumed_from"] == 6 and done["r1"]["forked_at"] is None
+    assert done["r1"]["step"] == 12 and done["r1"]["generator_cpu_seconds"] > 0
+    pool.shutdown()
+
+
+def test_a_fork_whose_leader_is_gone_trains_its_own_warmup(ray_session, tiny):
+    shape = tiny.preprocess.shape
+    buf = SampleBuffer.start("fork-gone", 4096, shape, 10, namespace="dfq_search_tests")
+    pool = WorkerPool([worker("d0", 0, 8, keep_after=4), worker("d1", 1, 8, keep_after=4)], tiny.model, shape,
+                      10, buf)  # fmt: skip
+    pool.kill("d0", restart=False)
+    pool.run()
+    done = ray.get(pool.runs["d1"], timeout=120)
+    assert done["forked_at"] is None and done["step"] == 8
+    pool.shutdown()
+
+
+def test_fork_from_must_name_a_warmup_of_the_same_config(ray_session, tiny):
+    shape = tiny.preprocess.shape
+    buf = SampleBuffer.start("fork-bad", 64, shape, 10, namespace="dfq_search_tests")
+    bad = [worker("a", 0, 10, keep_after=4), worker("b", 1, 10, keep_after=4, fork_from="nobody")]
+    with pytest.raises(DfqError, match="fork_from names no worker.*'nobody'"):
+        WorkerPool(bad, tiny.model, shape, 10, buf)
+    other = [worker("a", 0, 10, keep_after=4), worker("b", 1, 10, preset="lrq", keep_after=4, fork_from="a")]
+    with pytest.raises(DfqError, match="another generator config"):
+        WorkerPool(other, tiny.model, shape, 10, buf)
+
+
 def test_cli_generate_on_ray_workers_resumes_from_the_bank(ray_session, tmp_path):
     from dfq_search import commands_bank
     from dfq_search.cli import build_parser
