@@ -62,6 +62,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--capacity", default=PTQConfig.capacity, choices=["data", "free"])
     p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
     p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
+    p.add_argument(
+        "--source",
+        default="direct",
+        choices=["direct", "generator"],
+        help="synthetic images by direct optimisation of P, or from a generator trained against P",
+    )
+    p.add_argument(
+        "--gen-preset",
+        default="gdfq",
+        choices=["gdfq", "dsg", "lrq"],
+        help="the generator's preset (its source and sample losses), with --source generator",
+    )
+    p.add_argument("--gen-steps", type=int, default=600, help="generator training steps (--source generator)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     return p.parse_args()
 
@@ -75,6 +89,8 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
 
     fingerprint = model_fingerprint(bundle.model)
     key = json.dumps([bundle.name, fingerprint, n, seed, args.synth_iters, args.synth_batch])
+    if args.source == "generator":
+        key = json.dumps([bundle.name, fingerprint, n, seed, "generator", args.gen_preset, args.gen_steps])
     path = cache_dir() / "synth" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -82,13 +98,34 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
         return saved["images"], float(saved["seconds"])
     pre = bundle.preprocess
     t0 = time.perf_counter()
-    images, _ = synthesize_images(
-        bundle.model, pre.shape, bundle.num_classes, n, batch_size=args.synth_batch,
-        iterations=args.synth_iters, seed=seed, device=device, preprocess=pre,
-    )  # fmt: skip
+    if args.source == "generator":
+        images = generator_images(bundle, n, seed, args, device)
+    else:
+        images, _ = synthesize_images(
+            bundle.model, pre.shape, bundle.num_classes, n, batch_size=args.synth_batch,
+            iterations=args.synth_iters, seed=seed, device=device, preprocess=pre,
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
     return images, seconds
+
+
+def generator_images(bundle, n: int, seed: int, args, device) -> torch.Tensor:
+    """``n`` images of a generator trained against P alone for ``--gen-steps`` steps (its preset's
+    source and sample losses, as a generator worker trains it), drawn from the final generator in
+    batches of its training batch size."""
+    from dfq_search.bank import SourceTrainer, WorkerConfig
+
+    config = WorkerConfig(name=args.gen_preset, preset=args.gen_preset, seed=seed, steps=args.gen_steps)
+    trainer = SourceTrainer(bundle.model, config, bundle.preprocess.shape, bundle.num_classes, device)
+    for step in range(args.gen_steps):
+        _, losses = trainer.step()
+        if (step + 1) % 100 == 0:
+            print(f"  generator step {step + 1}/{args.gen_steps}: loss {losses['loss']:.3f}", flush=True)
+    trainer.source.train()  # as the game and the workers sample it (batch statistics in its BN layers)
+    gen, b = torch.Generator().manual_seed(seed + 1), trainer.game.train.batch_size
+    with torch.no_grad():
+        return torch.cat([trainer.source.sample(min(b, n - i), gen, device)[0] for i in range(0, n, b)]).cpu()
 
 
 def row_config(row: str, args) -> PTQConfig:
@@ -133,12 +170,14 @@ def run_model(name: str, args, device) -> tuple[dict, list[dict]]:
         mean = {k: statistics.fmean(r[k] for r in recs) for k in ("top1", "drop", "oscillation", "rise",
                                                                  "synth_s", "recon_s")}  # fmt: skip
         out["rows"][f"{bits}/{row}"] = {**mean, "per_seed": recs}
-        table.append({"model": name, "bits": bits, "row": row, **mean})
+        table.append({"model": name, "bits": bits, "row": row, "source": args.source, **mean})
     return out, table
 
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     for b in args.bits:
         parse_bits(b)  # bad bit widths are refused before any compute
@@ -147,8 +186,8 @@ def main() -> None:
         results[name], rows = run_model(name, args, device)
         table += rows
     print(format_table(table), flush=True)
-    emit({"benchmark": "ptq_cifar", "args": vars(args), "threads": torch.get_num_threads(),
-          "results": results})  # fmt: skip
+    emit({"benchmark": "ptq_cifar", "source": args.source, "args": vars(args),
+          "threads": torch.get_num_threads(), "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":
