@@ -578,6 +578,9 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(name, tmp_path, capsys
     assert _snapshot(case.keep) == before, f"{name}: an existing file or folder changed"
     for path in case.absent:
         assert not path.exists(), f"{name}: {path} was written before the input was refused"
+    store = tmp_path / "store"
+    empty = [p.name for p in store.iterdir() if p.is_dir() and not any(p.iterdir())] if store.is_dir() else []
+    assert not empty, f"{name}: left empty campaign folders {empty}"
     assert seconds < 5, f"{name} took {seconds:.1f} s: validation must come before compute"
     ray = __import__("sys").modules.get("ray")
     assert ray is None or not ray.is_initialized(), f"{name} started Ray"

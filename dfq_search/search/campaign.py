@@ -289,8 +289,14 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
         log(f"the same campaign exists in {run_dir}: resuming it (finished trials are kept; --name NEW "
             "starts another)")  # fmt: skip
     opts = replace(opts, resume=resume)
+    fresh = not run_dir.exists()
     check_storage(run_dir, opts.resume)
-    prep = prepare(opts, run_dir, log)
+    try:
+        prep = prepare(opts, run_dir, log)
+    except DfqError:
+        if fresh and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a mistake in the command leaves no empty campaign folder behind
+        raise
     s = opts.space
     search = replace(
         s.search,
