@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-choices", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8],
                    help="weight bits a layer may take (first/last layers stay at 8)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--reports", type=int, default=None,
+                   help="reports per trial (the fidelities ASHA can stop a trial at; 1: no early stopping); "
+                        "default: the space file's")  # fmt: skip
     p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
     p.add_argument("--model", default="cifar_resnet20")
     return p.parse_args()
@@ -74,6 +77,8 @@ def space_for(args, budget: int, sampler: str, seed: int):
     raw["search"] |= {"trials": args.trials, "sampler": sampler, "seed": seed,
                       "concurrency": args.concurrency}  # fmt: skip
     raw["objective"] |= {"metric": "top1"}
+    if args.reports is not None:
+        raw["objective"]["reports"] = args.reports
     return parse_space(raw, f"cifar_resnet20-w{budget}-{sampler}-s{seed}")
 
 
