@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dfq_search.bank import BankHeader, SampleBank, WorkerConfig, generate_into_bank
+from dfq_search.bank import BankHeader, SampleBank, WorkerConfig, generate_into_bank, share_warmups
 from dfq_search.device import resolve_device
 from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
@@ -67,9 +67,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print(f"{bundle.name} (fingerprint {header.fingerprint}) -> {args.bank}: "
           f"{len(configs)} generator(s) x {args.samples} samples", flush=True)  # fmt: skip
-    if args.workers == 0:
+    if args.workers == 0:  # one after the other; generators of one config share the first one's warm-up
         results = [generate_into_bank(bundle.model, bank, c, args.samples, device, _progress(start))
-                   for c in configs]  # fmt: skip
+                   for c in share_warmups(configs)]  # fmt: skip
     else:
         results = _generate_on_ray(args, bundle, bank, configs, start)
     print(format_table(results))

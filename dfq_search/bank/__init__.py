@@ -5,7 +5,16 @@ Plain pyarrow and torch; the Ray actors that share these across trials live in d
 
 from dfq_search.bank.bank import BankHeader, GeneratorVersion, SampleBank, resolve
 from dfq_search.bank.codec import ENCODINGS
-from dfq_search.bank.generate import SourceTrainer, WorkerConfig, concat, generate_into_bank, warm_start
+from dfq_search.bank.generate import (
+    SourceTrainer,
+    WorkerConfig,
+    check_forks,
+    concat,
+    generate_into_bank,
+    share_warmups,
+    warm_start,
+    warmup_name,
+)
 from dfq_search.bank.shard import SCHEMA_VERSION, CorruptShard, Samples, ShardEntry
 from dfq_search.bank.store import Batch, SampleStore
 
@@ -22,8 +31,11 @@ __all__ = [
     "ShardEntry",
     "SourceTrainer",
     "WorkerConfig",
+    "check_forks",
     "concat",
     "generate_into_bank",
     "resolve",
+    "share_warmups",
     "warm_start",
+    "warmup_name",
 ]

@@ -67,6 +67,42 @@ class WorkerConfig:
         return config_hash({"source": cfg.source, "sample_loss": cfg.sample_loss})
 
 
+def warmup_name(worker: str) -> str:
+    """The name under which a worker publishes its generator at the end of its warm-up."""
+    return f"{worker}@warmup"
+
+
+def share_warmups(configs: list[WorkerConfig]) -> list[WorkerConfig]:
+    """Workers of one generator config (source and sample losses) and one warm-up length run the
+    warm-up once: the first of them trains it, the others fork from it (``fork_from``)."""
+    leaders: dict[tuple[str, int], str] = {}
+    out = []
+    for c in configs:
+        if c.keep_after <= 0 or c.fork_from or c.steps <= c.keep_after:
+            out.append(c)
+            continue
+        leader = leaders.setdefault((c.generator_hash(), c.keep_after), c.name)
+        out.append(c if leader == c.name else dataclasses.replace(c, fork_from=leader))
+    return out
+
+
+def check_forks(configs: list[WorkerConfig]) -> None:
+    by_name = {c.name: c for c in configs}
+    for c in configs:
+        if not c.fork_from:
+            continue
+        leader = by_name.get(c.fork_from)
+        if leader is None or leader.fork_from or leader.steps < leader.keep_after or leader.keep_after <= 0:
+            valid = sorted(n for n, w in by_name.items() if w.keep_after > 0)
+            raise DfqError(f"worker {c.name!r}: fork_from names no worker of this pool that trains a warm-up",
+                           c.fork_from, f"one of {valid}",
+                           "name a worker with keep_after > 0 and steps >= keep_after")  # fmt: skip
+        if (leader.generator_hash(), leader.keep_after) != (c.generator_hash(), c.keep_after):
+            raise DfqError(f"worker {c.name!r} forks from a worker of another generator config or warm-up",
+                           c.fork_from, "a worker with the same preset, overrides and keep_after",
+                           "drop fork_from or align the configs")  # fmt: skip
+
+
 class SourceTrainer:
     """The generator half of the game: ``step()`` is ``Game.g_step`` with no Q."""
 
@@ -140,18 +176,26 @@ def generate_into_bank(
     p: nn.Module, bank: SampleBank, config: WorkerConfig, samples: int, device: torch.device | str = "cpu",
     progress: Callable[[dict], None] | None = None,
 ) -> dict:  # fmt: skip
-    """Extend ``bank`` with this worker's samples until it holds ``samples`` of them (resumable)."""
+    """Extend ``bank`` with this worker's samples until it holds ``samples`` of them (resumable).
+
+    The generator's state at the end of its warm-up is published as ``warmup_name(config.name)``; a
+    config with ``fork_from`` and no state of its own in the bank starts from that one's."""
     h = bank.header
     trainer = SourceTrainer(p, config, h.image_shape, h.num_classes, device)
-    versions = bank.generator_versions(config.name)
+    versions, warm = bank.generator_versions(config.name), _warmup_version(bank, config)
     if versions and versions[-1].config_hash == config.generator_hash():
         trainer.load_state_dict(bank.load_generator(versions[-1]))
+    elif warm is not None:  # another generator of this config trained the warm-up: continue from it
+        trainer.fork(bank.load_generator(warm))
     have = bank.info()["samples_per_generator"].get(config.name, 0)
     pending: list[Samples] = []
     while have < samples and trainer.step_count < config.steps:
         out, losses = trainer.step()
         if trainer.step_count > config.keep_after:
             pending.append(out)
+        elif trainer.step_count == config.keep_after:  # for the generators that fork from this one
+            bank.publish_generator(warmup_name(config.name), trainer.step_count, trainer.state_dict(),
+                                   dataclasses.asdict(trainer.game), config.generator_hash())  # fmt: skip
         if sum(map(len, pending)) >= min(config.chunk, samples - have) or trainer.step_count >= config.steps:
             have += _flush(bank, pending, config, samples - have)
             _publish(bank, trainer, config)
@@ -159,6 +203,15 @@ def generate_into_bank(
                 progress({"generator": config.name, "step": trainer.step_count, "samples": have, **losses})
     _publish(bank, trainer, config)
     return {"generator": config.name, "step": trainer.step_count, "samples": have, "seconds": trainer.seconds}
+
+
+def _warmup_version(bank: SampleBank, config: WorkerConfig):
+    """The published warm-up of ``config.fork_from`` when it is of this config, else None."""
+    if not config.fork_from:
+        return None
+    found = bank.generator_versions(warmup_name(config.fork_from))
+    ok = [v for v in found if v.config_hash == config.generator_hash() and v.step == config.keep_after]
+    return ok[-1] if ok else None
 
 
 def _flush(bank: SampleBank, pending: list[Samples], config: WorkerConfig, room: int) -> int:

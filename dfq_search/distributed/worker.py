@@ -11,14 +11,13 @@ buffer is full (``pause_when_full``). It asks for a fraction of a GPU when the c
 from __future__ import annotations
 
 import copy
-import dataclasses
 import threading
 import time
 
 import ray
 import torch
 
-from dfq_search.bank import SourceTrainer, WorkerConfig, concat
+from dfq_search.bank import SourceTrainer, WorkerConfig, check_forks, concat, share_warmups, warmup_name
 from dfq_search.distributed.buffer import SampleBuffer
 from dfq_search.distributed.session import actor_device, gpu_fraction
 from dfq_search.errors import DfqError
@@ -132,42 +131,6 @@ class GeneratorWorker:
                 "waiting_full": self.waiting_full, "device": str(self.trainer.device)}  # fmt: skip
 
 
-def warmup_name(worker: str) -> str:
-    """The name under which a worker publishes its generator at the end of its warm-up."""
-    return f"{worker}@warmup"
-
-
-def share_warmups(configs: list[WorkerConfig]) -> list[WorkerConfig]:
-    """Workers of one generator config (source and sample losses) and one warm-up length run the
-    warm-up once: the first of them trains it, the others fork from it (``fork_from``)."""
-    leaders: dict[tuple[str, int], str] = {}
-    out = []
-    for c in configs:
-        if c.keep_after <= 0 or c.fork_from or c.steps <= c.keep_after:
-            out.append(c)
-            continue
-        leader = leaders.setdefault((c.generator_hash(), c.keep_after), c.name)
-        out.append(c if leader == c.name else dataclasses.replace(c, fork_from=leader))
-    return out
-
-
-def _check_forks(configs: list[WorkerConfig]) -> None:
-    by_name = {c.name: c for c in configs}
-    for c in configs:
-        if not c.fork_from:
-            continue
-        leader = by_name.get(c.fork_from)
-        if leader is None or leader.fork_from or leader.steps < leader.keep_after or leader.keep_after <= 0:
-            valid = sorted(n for n, w in by_name.items() if w.keep_after > 0)
-            raise DfqError(f"worker {c.name!r}: fork_from names no worker of this pool that trains a warm-up",
-                           c.fork_from, f"one of {valid}",
-                           "name a worker with keep_after > 0 and steps >= keep_after")  # fmt: skip
-        if (leader.generator_hash(), leader.keep_after) != (c.generator_hash(), c.keep_after):
-            raise DfqError(f"worker {c.name!r} forks from a worker of another generator config or warm-up",
-                           c.fork_from, "a worker with the same preset, overrides and keep_after",
-                           "drop fork_from or align the configs")  # fmt: skip
-
-
 class WorkerPool:
     """Generator workers of one buffer: start them, run them, pause, stop, watch them.
 
@@ -184,7 +147,7 @@ class WorkerPool:
         if len(set(names)) != len(names):
             raise DfqError("duplicate worker names", names, "one name per worker", "give each a name")
         configs = share_warmups(configs) if share_warmup else configs
-        _check_forks(configs)
+        check_forks(configs)
         self.configs = {c.name: c for c in configs}
         # P travels once, through the object store. The pool keeps the ref alive: a restarted worker
         # reads its constructor arguments again, and they vanish with the last reference (ray#53727).

@@ -23,7 +23,8 @@ def test_generate_is_resumable_and_info_reports(tmp_path, capsys):
     assert commands_bank.cmd_generate(parse([*base, "--samples", "32"])) == 0
     info = SampleBank.open(path).info()
     assert info["samples_per_generator"] == {"gdfq-s0": 32, "gdfq-s1": 32}
-    assert info["latest_generator_steps"] == {"gdfq-s0": 5, "gdfq-s1": 5}  # resumed at 3, not restarted
+    # resumed at 3, not restarted; gdfq-s1 forked from gdfq-s0's warm-up (step 1) in the first run
+    assert info["latest_generator_steps"] == {"gdfq-s0": 5, "gdfq-s1": 5, "gdfq-s0@warmup": 1}
     assert commands_bank.cmd_bank(parse(["bank", "info", path, "--verify"])) == 0
     out = capsys.readouterr().out
     assert "verified 4 shards: 0 damaged" in out and "gdfq-s0" in out

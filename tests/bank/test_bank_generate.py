@@ -11,7 +11,9 @@ from dfq_search.bank import (
     SourceTrainer,
     WorkerConfig,
     generate_into_bank,
+    share_warmups,
     warm_start,
+    warmup_name,
 )
 from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
@@ -89,3 +91,23 @@ def test_generate_into_bank_extends_and_resumes(tiny, tmp_path):
     assert steps.tolist() == sorted(steps.tolist()) and int(steps.max()) == 4  # steps 0..4, no restart
     assert [v.step for v in bank.generator_versions("g")][-1] == 5
     assert generate_into_bank(tiny.model, bank, cfg, 40)["step"] == 5  # nothing left to do
+
+
+def test_generators_of_one_config_share_the_warmup_in_a_bank(tiny, tmp_path):
+    header = BankHeader(model_fingerprint(tiny.model), tiny.preprocess.shape, 10, "tiny_cnn")
+    bank = SampleBank.create(str(tmp_path / "bank"), header)
+    configs = share_warmups([WorkerConfig(name=f"g{s}", seed=s, steps=100, keep_after=3, chunk=16,
+                                          overrides=OVR) for s in (0, 1)])  # fmt: skip
+    assert configs[1].fork_from == "g0"
+    lead = generate_into_bank(tiny.model, bank, configs[0], 16)
+    warm = bank.generator_versions(warmup_name("g0"))
+    assert [v.step for v in warm] == [3] and lead["step"] == 5
+    follow = generate_into_bank(tiny.model, bank, configs[1], 16)
+    assert follow["step"] == 5 and follow["seconds"] < lead["seconds"]  # two steps, not five
+    steps = {g: sorted({int(s) for sh in bank.iter_samples() if sh.generator == g for s in sh.step})
+             for g in ("g0", "g1")}  # fmt: skip
+    assert steps == {"g0": [3, 4], "g1": [3, 4]}
+    g1 = next(s for s in bank.iter_samples() if s.generator == "g1").x
+    g0 = next(s for s in bank.iter_samples() if s.generator == "g0").x
+    assert not torch.equal(g0, g1)  # the fork samples with its own seed
+    assert bank.info()["samples_per_generator"] == {"g0": 16, "g1": 16}
