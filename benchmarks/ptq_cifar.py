@@ -170,7 +170,8 @@ def run_model(name: str, args, device) -> tuple[dict, list[dict]]:
         mean = {k: statistics.fmean(r[k] for r in recs) for k in ("top1", "drop", "oscillation", "rise",
                                                                  "synth_s", "recon_s")}  # fmt: skip
         out["rows"][f"{bits}/{row}"] = {**mean, "per_seed": recs}
-        table.append({"model": name, "bits": bits, "row": row, "source": args.source, **mean})
+        source = "train-5k" if row.startswith("real") else args.source
+        table.append({"model": name, "bits": bits, "row": row, "source": source, **mean})
     return out, table
 
 
