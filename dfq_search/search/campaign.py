@@ -258,6 +258,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         draw=draw,
         calibration=space.samples.calibration,
         preprocess=bundle.preprocess,
+        memo=str(run_dir / "memo"),
     )
     starts = warm_starts(plans, space.search.warm_start)
     meta = {

@@ -124,6 +124,7 @@ def _summary(result: CampaignResult) -> dict[str, Any]:
     return {
         "trials": len(result.rows),
         **counts,
+        "replayed": sum(bool(r.get("replayed")) for r in result.rows),
         "best": result.best,
         "front": result.front,
         "warm_starts": result.marks,
@@ -136,7 +137,9 @@ def _print(result: CampaignResult, log: Log) -> None:
     log(
         f"\n{counts['trials']} trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
         f"{counts['infeasible']} over budget, {counts['failed']} failed"
-    )
+        + (f"; {counts['replayed']} repeated a finished trial's config (replayed, no compute)"
+           if counts["replayed"] else "")
+    )  # fmt: skip
     extra = ("test_top1", "test_drop")
     if result.front:
         log("Pareto front (score vs weight size):\n" + front_table(result.front, extra))

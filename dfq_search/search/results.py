@@ -75,6 +75,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
             **{k: _plain(config.get("cost", {}).get(k)) for k in ("size_kib", "mean_weight_bits", "mbops")},
             "seconds": _plain(m.get("seconds")),
             "wall_s": _plain(m.get("time_total_s")),
+            "replayed": bool(m.get("replayed")),  # a repeated config, replayed from an earlier trial
             "reports": json.dumps(history),
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),

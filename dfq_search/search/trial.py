@@ -10,7 +10,10 @@ quantized model (``model.pt``).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dfq_search.checkpoint import save_quantized
+from dfq_search.fingerprint import config_hash
 from dfq_search.quant import PROTOCOLS, BitPlan
 
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -48,6 +52,7 @@ class TrialContext:
     draw: Callable[[int], Tensor] | None = None  # n -> samples from the campaign's shared buffer
     calibration: int = 256  # how many to draw
     preprocess: Any = None  # P's Preprocess, kept in the checkpoints (a user model needs it to rebuild)
+    memo: str | None = None  # folder of finished trials' results by config: a repeated config is replayed
 
     def calibration_images(self) -> Tensor:
         return self.calib if self.calib is not None else self.draw(self.calibration)
@@ -64,13 +69,47 @@ def _marks(total: int, levels: int) -> list[int]:
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext, report: Report) -> dict[str, Any]:
-    """Run one trial (see the module docstring); returns its final metrics."""
-    return _Trial(config, ctx, report).run()
+    """Run one trial (see the module docstring); returns its final metrics. A config that a finished
+    trial of the campaign already ran (a sampler may propose one twice) is replayed from ``ctx.memo``:
+    the same reports and model, marked ``replayed``, with no compute."""
+    memo = Memo(ctx.memo, config) if ctx.memo else None
+    if memo is not None and (done := memo.replay(ctx.reports, report)) is not None:
+        return done
+    return _Trial(config, ctx, report, memo).run()
+
+
+class Memo:
+    """A finished trial's final metrics and model, under ``<folder>/<config hash>/`` (written atomically)."""
+
+    def __init__(self, folder: str, config: dict[str, Any]) -> None:
+        self.path = Path(folder) / config_hash(config)
+
+    def replay(self, reports: int, report: Report) -> dict[str, Any] | None:
+        try:
+            metrics = json.loads((self.path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        metrics = {**metrics, "replayed": 1.0, "seconds": 0.0}
+        for level in range(1, reports):
+            report({**metrics, "fidelity": level}, None)
+        report({**metrics, "fidelity": reports}, self.path)
+        return metrics
+
+    def save(self, metrics: dict[str, Any], model_dir: Path) -> None:
+        if self.path.exists():
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+            (tmp / "metrics.json").write_text(json.dumps(metrics))
+            os.replace(tmp, self.path)
+        except OSError:  # another trial of the same config won the race, or the disk is full: no memo
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Trial:
-    def __init__(self, config: dict[str, Any], ctx: TrialContext, report: Report) -> None:
-        self.config, self.ctx, self.report = config, ctx, report
+    def __init__(self, config: dict[str, Any], ctx: TrialContext, report: Report, memo: Memo | None) -> None:
+        self.config, self.ctx, self.report, self.memo = config, ctx, report, memo
         self.plan = BitPlan(config["plan"])
         self.kind = config.get("kind", "ptq")
         self.base = {
@@ -176,6 +215,8 @@ class _Trial:
             ctx = self.ctx
             save_quantized(Path(tmp) / "model.pt", q, ctx.model_name, ctx.num_classes, self.plan, config,
                            ctx.preprocess)  # fmt: skip
+            if self.memo is not None:
+                self.memo.save(metrics, Path(tmp))
             self.report(metrics, Path(tmp))
         return metrics
 

@@ -90,6 +90,29 @@ def test_a_ptq_trial_reports_and_leaves_a_checkpoint(tiny):
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())  # P untouched
 
 
+def test_a_repeated_config_is_replayed_from_the_memo_without_compute(tiny, tmp_path, monkeypatch):
+    ctx = _ctx(tiny)
+    ctx.memo = str(tmp_path / "memo")
+    config = _config(tiny)
+    first = Recorder()
+    final = run_trial(config, ctx, first)
+    assert "replayed" not in final and len(list((tmp_path / "memo").iterdir())) == 1
+
+    def no_compute(*_a, **_k):
+        raise AssertionError("a replayed trial must not quantize anything")
+
+    monkeypatch.setattr("dfq_search.ptq.run_ptq", no_compute)
+    again = Recorder()
+    replayed = run_trial(dict(config), ctx, again)
+    assert replayed["replayed"] == 1.0 and replayed["score"] == final["score"]
+    assert [m["fidelity"] for m, _ in again.calls] == [1, 2, 3]
+    assert again.reloaded[0].state_dict().keys() == first.reloaded[0].state_dict().keys()
+    assert ctx.scorer(again.reloaded[0])["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+    other = Recorder()  # another seed is another config: computed
+    with pytest.raises(AssertionError, match="must not quantize"):
+        run_trial({**config, "seed": 1}, ctx, other)
+
+
 @pytest.mark.parametrize("reports", [1, 5])
 def test_ptq_reports_as_many_times_as_asked(tiny, reports):
     ctx = _ctx(tiny, reports=reports)
