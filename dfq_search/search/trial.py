@@ -101,9 +101,10 @@ class Memo:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-            (tmp / "metrics.json").write_text(json.dumps(metrics))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, default=float))
             os.replace(tmp, self.path)
-        except OSError:  # another trial of the same config won the race, or the disk is full: no memo
+        except (OSError, TypeError, ValueError):  # another trial of this config won the race, a full
+            # disk, or a metric that is not a number: no memo (the trial itself is unaffected)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
