@@ -87,6 +87,8 @@ def share_warmups(configs: list[WorkerConfig]) -> list[WorkerConfig]:
 
 
 def check_forks(configs: list[WorkerConfig]) -> None:
+    """Refuse a ``fork_from`` that names no warm-up-training worker of ``configs``, or one of another
+    generator config or warm-up length (before any worker starts)."""
     by_name = {c.name: c for c in configs}
     for c in configs:
         if not c.fork_from:
