@@ -20,7 +20,8 @@ Rows:
     ptq          the PTQ start alone (no game)
     gdfq dsg adadfq adasg lrq    the presets of dfq_search/qat/presets, from ``--start``
     adadfq-lrq   AdaDFQ's game with LRQ's long-range generator
-    real         the same Q steps (KD + CE) on real train-5k images: the upper reference
+    real         the same Q steps (KD + CE) on real train-5k images from the same start (RTN when the
+                 games' start is ``track``): the upper reference
 
 Columns: top-1 on the full (JPEG) test set, drop from FP, seconds of the game, ``start_s`` (the PTQ
 start's reconstruction, plus the synthesis of its images when made in this run: they are cached on
@@ -268,8 +269,10 @@ def main() -> None:
         for method in args.methods:
             per_seed = []
             for seed in args.seeds:
-                # rtn and real need set ranges; the ptq row is the PTQ start alone
+                # the ptq row is the PTQ start alone; real fine-tunes the games' start (set ranges: not track)
                 start = "ptq" if method == "ptq" else args.start if method in METHODS else "rtn"
+                if method == "real" and args.start == "ptq":
+                    start = "ptq"
                 q, start_s = starts.make(start, bits, seed)
                 fidelity = starts.fidelity(seed)
                 info = {"seconds": 0.0, "samples_per_s": None, "g_step_s": None, "q_step_s": None}
