@@ -81,8 +81,11 @@ def generator_samples(
     SampleBank.create(bank_uri, header)
     steps = max(cfg.generator_steps - cfg.keep_after, 0)
     kept = sum(steps * c.game_config().train.batch_size for c in configs)
+    # A restarted worker replays the steps since its last published state (at most publish_every): room
+    # for them, or the buffer fills up and the worker waits for room that no one makes.
+    replay = sum(c.publish_every * c.game_config().train.batch_size for c in configs)
     shape, classes = bundle.preprocess.shape, bundle.num_classes
-    buffer = _LIVE[name] = SampleBuffer.start(name, max(kept, cfg.calibration), shape, classes,
+    buffer = _LIVE[name] = SampleBuffer.start(name, max(kept + replay, cfg.calibration), shape, classes,
                                               namespace=NAMESPACE, bank=(bank_uri, fingerprint))  # fmt: skip
     loaded = buffer.load_bank(bank_uri, fingerprint)
     if loaded >= kept:
