@@ -93,7 +93,8 @@ class GeneratorWorker:
         that worker is not running (no room for it on the cluster yet, or gone) or resumed past its
         warm-up (a resumed run, whose warm-up was never published here), train the warm-up here."""
         self.forking, leader, warm = True, self.config.fork_from, warmup_name(self.config.fork_from)
-        while not self.stopped.is_set() and self._running(leader):
+        actor = self._actor(leader)
+        while not self.stopped.is_set() and self._answers(actor):
             meta = self.buffer.published()  # the leader's first: @warmup precedes its later versions
             if warm in meta and meta[warm].get("config_hash") == self.hash:
                 self.trainer.fork(self.buffer.latest_generator(warm)[0])
@@ -104,13 +105,19 @@ class GeneratorWorker:
             time.sleep(0.1)
         self.forking = False
 
-    def _running(self, worker: str, timeout: float = 10.0) -> bool:
-        """Whether worker ``worker`` of this buffer answers within ``timeout`` seconds."""
+    def _actor(self, worker: str):
+        """The handle of worker ``worker`` of this buffer, or None when there is none."""
         try:
-            actor = ray.get_actor(f"{self.buffer.name}/worker/{worker}", namespace=self.buffer.namespace)
-            ray.get(actor.status.remote(), timeout=timeout)
-            return True
-        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return ray.get_actor(f"{self.buffer.name}/worker/{worker}", namespace=self.buffer.namespace)
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _answers(actor, timeout: float = 10.0) -> bool:
+        """Whether ``actor`` (a worker) answers within ``timeout`` seconds."""
+        try:
+            return actor is not None and ray.get(actor.status.remote(), timeout=timeout) is not None
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return False
 
     def pause(self) -> None:
