@@ -74,10 +74,15 @@ def smoke_space(tmp_path: Path, name: str, iters: int, trials: int | None = None
     return path
 
 
-def _finished(run: Path) -> dict[str, bytes]:
-    """result.json of every trial that saved its final checkpoint."""
-    done = [d for d in run.glob("trial_*") if list(d.glob("checkpoint_*"))]
-    return {d.name: (d / "result.json").read_bytes() for d in done}
+def _finished(run: Path) -> dict[str, dict]:
+    """The final report (fidelity 2 of tiny_smoke's 2) of every trial whose result.json has it."""
+    out = {}
+    for d in run.glob("trial_*"):
+        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
+        final = [json.loads(x) for x in lines if x.endswith("}") and '"fidelity": 2' in x]
+        if final:
+            out[d.name] = final[-1]
+    return out
 
 
 def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache):
@@ -113,8 +118,10 @@ def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, sh
     assert len(rows) == 5 and len({r["trial"] for r in rows}) == 5
     assert all(r["status"] in ("complete", "stopped") for r in rows)
     after = _finished(run)
-    for name, content in before.items():
-        assert after[name] == content, f"{name} was rerun"
+    for name, final in before.items():  # the same final report, or one replayed from the memo (no compute):
+        # a trial killed between its final report and Tune's record of it is restarted, and replays
+        same = after[name]["timestamp"] == final["timestamp"] and after[name]["score"] == final["score"]
+        assert same or after[name].get("replayed") == 1.0, f"{name} was rerun"
 
 
 def test_run_refuses_an_existing_named_campaign_without_resume(tmp_path, shared_cache):
