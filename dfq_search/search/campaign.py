@@ -347,11 +347,35 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
         f"{search.sampler} sampler, objective {prep.ctx.scorer.metric} ({s.objective.mode})"
     )
     rss_before = _rss_mb()
-    run_tuner(setup, str(opts.storage.resolve()), opts.run_name, opts.resume)
+    grid = run_tuner(setup, str(opts.storage.resolve()), opts.run_name, opts.resume)
     memory = {"before_trials_mb": rss_before, "after_trials_mb": _rss_mb(), "peak_mb": _peak_rss_mb()}
+    left = None if opts.time_budget is None else opts.time_budget - (time.perf_counter() - start)
+    _refine(run_dir, prep, grid, search, opts.space.resources, left, log)
     result = finalize(run_dir, prep, log, {"driver_memory": memory})
     log(f"done in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _refine(
+    run_dir: Path, prep: Prepared, grid: Any, search: Any, res: Any, time_left: float | None, log: Log
+) -> None:
+    """Re-run the best plans with other seeds (:mod:`dfq_search.search.refine`), time allowing."""
+    from dfq_search.distributed.rerun import run_trials
+    from dfq_search.search.refine import refine
+    from dfq_search.search.results import result_rows
+
+    if search.refine_top < 1:
+        return
+    if time_left is not None and time_left <= 0:
+        log("time budget spent: the best plans are not refined")
+        return
+    rows = result_rows(grid, prep.ctx.reports)
+    configs = {(g.metrics or {}).get("trial_id") or Path(g.path).name: dict(g.config or {}) for g in grid}
+
+    def run(configs: list, done: Callable) -> None:
+        run_trials(configs, prep.ctx, res.trial_cpu, res.trial_gpu, done)
+
+    refine(run_dir, rows, configs, search.refine_top, search.refine_seeds, run, log)
 
 
 def _rss_mb() -> float:

@@ -14,8 +14,8 @@ from typing import Any
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle
 from dfq_search.quant import LayerBits
+from dfq_search.search.refine import refined_best
 from dfq_search.search.results import (
-    best,
     candidates,
     front_table,
     pareto_front,
@@ -72,7 +72,8 @@ def finalize(
 
     meta = json.loads((run_dir / "campaign.json").read_text())
     rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
-    front, top = pareto_front(rows), best(rows)
+    front = pareto_front(rows)
+    top = refined_best(run_dir, rows, int(meta.get("search", {}).get("refine_top", 0)))
     starts = (
         prep.starts
         if prep is not None
@@ -147,7 +148,8 @@ def _print(result: CampaignResult, log: Log) -> None:
         named = [{**r, "trial": f"{name} ({r['trial']})"} for name, r in result.marks.items()]
         log("warm starts:\n" + front_table(named, extra))
     if result.best is not None:
-        log("best:\n" + front_table([result.best], extra))
+        refined = ("refined_mean", "refined_runs")  # when the finalists were rerun (search.refine_top)
+        log("best:\n" + front_table([result.best], (*extra, *refined)))
     log(
         "files:\n"
         + "\n".join(f"  {k}: {v}" for k, v in result.files.items())

@@ -11,7 +11,7 @@ for all the keys with comments):
     method:    kind (ptq, qat, ptq+qat), ptq: {...knobs}, qat: {...knobs}
     samples:   where calibration and held-out samples come from
     objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl), reports
-    search:    trials, sampler, seed, concurrency, warm_start
+    search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds
     resources: trial_cpu, trial_gpu, worker_cpu, worker_gpu
 
 Every knob of ``method`` is fixed, a list of choices, or a {low, high} range (:mod:`.knobs`).
@@ -152,6 +152,8 @@ class Search:
     concurrency: int = 2
     warm_start: tuple[str, ...] = ("uniform", "sensitivity")
     max_failures: int = 1  # retries of a trial that raised
+    refine_top: int = 0  # the best plans re-run with other reconstruction seeds at the end (0: none)
+    refine_seeds: int = 2  # reruns of each of them (dfq_search.search.refine)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,8 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
             "seed": number("search.seed", 0, 2**31, integer=True),
             "concurrency": number("search.concurrency", 1, 4096, integer=True),
             "max_failures": number("search.max_failures", 0, 100, integer=True),
+            "refine_top": number("search.refine_top", 0, 1000, integer=True),
+            "refine_seeds": number("search.refine_seeds", 1, 100, integer=True),
         },
     )
     resources = _typed(

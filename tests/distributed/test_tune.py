@@ -63,12 +63,14 @@ def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
     assert summary["best"]["trial"] in again.stdout.split("best:")[1]
 
 
-def smoke_space(tmp_path: Path, name: str, iters: int, trials: int | None = None) -> Path:
-    """tiny_smoke with longer or shorter trials (and another trial count), as a file named ``name``."""
+def smoke_space(tmp_path: Path, name: str, iters: int, trials: int | None = None, **search) -> Path:
+    """tiny_smoke with longer or shorter trials (and another trial count, other ``search`` keys), as a
+    file named ``name``."""
     space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
     space["method"]["ptq"]["iters"] = iters
     if trials is not None:
         space["search"]["trials"] = trials
+    space["search"] |= search
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -159,3 +161,28 @@ def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
     assert 1 <= len(rows) < 500  # it stopped starting trials long before the 500th
     assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None
     assert time.time() - start < 20 + 150  # the budget, plus start-up and the final outputs
+
+
+def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_path, shared_cache):
+    path = smoke_space(tmp_path, "refined", iters=5, trials=4, refine_top=2, refine_seeds=1)
+    argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2", "--name", "r")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "r"
+    kept = sorted((run / "refine").glob("*/model.pt"))
+    finalists = min(
+        2, sum(r["status"] == "complete" for r in pq.read_table(run / "results.parquet").to_pylist())
+    )
+    assert len(kept) == finalists >= 1 and "refining the 2 best plans" in proc.stdout
+    best = json.loads((run / "summary.json").read_text())["best"]
+    assert best["refined_runs"] == 2 and len(json.loads(best["refined_scores"])) == 2
+    assert (run / "best_model.pt").read_bytes() == (Path(best["checkpoint"]) / "model.pt").read_bytes()
+
+    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env(shared_cache),
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "refining" not in again.stdout  # every rerun was kept: none runs again
+    assert sorted((run / "refine").glob("*/model.pt")) == kept
+    report = subprocess.run(cli("report", str(run)), capture_output=True, text=True, env=env(shared_cache),
+                            timeout=120)  # fmt: skip
+    assert report.returncode == 0 and json.loads((run / "summary.json").read_text())["best"] == best
