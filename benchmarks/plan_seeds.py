@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CIFAR_TEST, CIFAR_WEIGHTS, emit, shared
-from search_mixed_precision import halves, space_for
+from search_mixed_precision import campaign_name, halves, space_for
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,7 +97,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dfq_search.data.folder import load_image_folder
     from dfq_search.evaluate import Evaluator
-    from dfq_search.fingerprint import config_hash
     from dfq_search.models import create_model
     from dfq_search.quant import trace_layers
     from dfq_search.search.define import PlanSpace, SpaceFunction
@@ -108,7 +107,7 @@ def main() -> None:
     space_args = argparse.Namespace(**{**vars(args), "iters": args.campaign_iters, "trials": 24,
                                        "concurrency": 2, "reports": None})  # fmt: skip
     space = space_for(space_args, args.budget, args.sampler, args.search_seed)
-    run_dir = args.storage / f"{space.source}-{config_hash(space)[:8]}"
+    run_dir = args.storage / campaign_name(space)
     if not (run_dir / "results.parquet").is_file():
         sys.exit(f"no campaign at {run_dir}: run search_mixed_precision.py with the same flags first")
     bundle = create_model(args.model, shared(CIFAR_WEIGHTS[args.model]), device=args.device)

@@ -82,6 +82,19 @@ def space_for(args, budget: int, sampler: str, seed: int):
     return parse_space(raw, f"cifar_resnet20-w{budget}-{sampler}-s{seed}")
 
 
+def campaign_name(space) -> str:
+    """The campaign folder of ``space``: named by a hash of what its trials depend on (the refinement
+    settings are left out: changing them reruns the finalists only, in the same campaign)."""
+    from dataclasses import asdict
+
+    from dfq_search.fingerprint import config_hash
+
+    trials = asdict(space)
+    for key in ("refine_top", "refine_seeds"):
+        trials["search"].pop(key)
+    return f"{space.source}-{config_hash(trials)[:8]}"
+
+
 def kendall_tau(xs: list[float], ys: list[float]) -> float:
     """Kendall's τ-b of two equally long lists (ties counted in neither pair class)."""
     con = dis = tx = ty = 0
@@ -127,28 +140,47 @@ def _uniform_dominated(result) -> str:
 
 def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> tuple[dict, list[dict]]:
     from dfq_search.search.campaign import CampaignOptions, run_campaign
+    from dfq_search.search.results import best as best_trial
     from dfq_search.search.results import candidates
 
     space = space_for(args, budget, sampler, seed)
     weights = str(shared(CIFAR_WEIGHTS[args.model]))
-    from dfq_search.fingerprint import config_hash
-
-    name = f"{space.source}-{config_hash(space)[:8]}"  # rerun: the same campaign, resumed or re-reported
+    name = campaign_name(space)  # rerun: the same campaign, resumed or re-reported
     opts = CampaignOptions(space, args.model, weights, storage=args.storage, name=name,
                            resume=True, val_images=half_a, test_images=half_b)  # fmt: skip
     start = time.perf_counter()
     result = run_campaign(opts, lambda line: print(line, flush=True))
     _score_all_on_half_b(result, bundle, half_b)
-    named = {k: r.get("test_top1") for k, r in result.marks.items()}
-    uniform = next((v for k, v in named.items() if f"uniform-w{budget}" in k), None)
-    dp = next((v for k, v in named.items() if "sensitivity-dp" in k), None)
+    u_row = next((r for k, r in result.marks.items() if f"uniform-w{budget}" in k), {})
+    dp_row = next((r for k, r in result.marks.items() if "sensitivity-dp" in k), {})
+    uniform, dp = u_row.get("test_top1"), dp_row.get("test_top1")
     best = result.best or {}
+    top_trial = best_trial(result.rows) or {}  # the highest single score (what an unrefined campaign ships)
     row = {"budget": f"w{budget}", "sampler": sampler, "seed": seed, "trials": len(result.rows),
            "complete": len(candidates(result.rows)), "uniform_top1_B": uniform, "dp_top1_B": dp,
            "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
-           "best_size_kib": best.get("size_kib"), "uniform_beaten_by_front": _uniform_dominated(result),
+           "best_size_kib": best.get("size_kib"), "best_refined_mean_A": best.get("refined_mean"),
+           "best_mean_top1_B": _mean_on_half_b(result, best, bundle, half_b),
+           "uniform_mean_top1_B": _mean_on_half_b(result, u_row, bundle, half_b),
+           "dp_mean_top1_B": _mean_on_half_b(result, dp_row, bundle, half_b),
+           "top_trial_top1_B": top_trial.get("test_top1"), "top_trial_top1_A": top_trial.get("score"),
+           "uniform_beaten_by_front": _uniform_dominated(result),
            "seconds": time.perf_counter() - start}  # fmt: skip
     return row, candidates(result.rows)
+
+
+def _mean_on_half_b(result, best: dict, bundle, half_b) -> float | None:
+    """Half-B top-1 of a refined plan (the best, a warm start) averaged over all its runs (the trial and
+    its reruns): the plan's figure without the choice of its best seed."""
+    from dfq_search.search.outputs import score_on_test
+    from dfq_search.search.refine import reruns
+
+    if not best.get("refined_runs"):
+        return None
+    trial = next(r for r in result.rows if r["trial"] == best["trial"])
+    runs = [dict(trial), *[dict(r) for r in reruns(result.run_dir).get(best["trial"], [])]]
+    score_on_test(runs, half_b, bundle)
+    return sum(r["test_top1"] for r in runs) / len(runs)
 
 
 def _score_all_on_half_b(result, bundle, half_b) -> None:

@@ -361,7 +361,8 @@ def _refine(
 ) -> None:
     """Re-run the best plans with other seeds (:mod:`dfq_search.search.refine`), time allowing."""
     from dfq_search.distributed.rerun import run_trials
-    from dfq_search.search.refine import refine
+    from dfq_search.search.outputs import mark_rows
+    from dfq_search.search.refine import finalists, refine
     from dfq_search.search.results import result_rows
 
     if search.refine_top < 1:
@@ -375,7 +376,10 @@ def _refine(
     def run(configs: list, done: Callable) -> None:
         run_trials(configs, prep.ctx, res.trial_cpu, res.trial_gpu, done)
 
-    refine(run_dir, rows, configs, search.refine_top, search.refine_seeds, run, log)
+    targets = {
+        r["trial"]: r for r in [*finalists(rows, search.refine_top), *mark_rows(rows, prep.starts).values()]
+    }
+    refine(run_dir, list(targets.values()), configs, search.refine_seeds, run, log)
 
 
 def _rss_mb() -> float:

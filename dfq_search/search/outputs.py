@@ -14,7 +14,7 @@ from typing import Any
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle
 from dfq_search.quant import LayerBits
-from dfq_search.search.refine import refined_best
+from dfq_search.search.refine import refined_best, reruns, with_reruns
 from dfq_search.search.results import (
     candidates,
     front_table,
@@ -50,7 +50,7 @@ def score_on_test(rows: list[dict[str, Any]], test, bundle: ModelBundle) -> None
         r["test_drop"] = fp - r["test_top1"]
 
 
-def _marks(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def mark_rows(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The complete trial of each warm-start plan, by name (plans that coincide: names joined by =)."""
     by_plan: dict[str, str] = {}
     for name, bits in starts.items():
@@ -79,13 +79,14 @@ def finalize(
         if prep is not None
         else {k: {n: LayerBits(**b) for n, b in v.items()} for k, v in meta.get("warm_starts", {}).items()}
     )
-    marks = _marks(rows, starts)
-    shown = {r["trial"]: r for r in [*front, *marks.values(), *([top] if top else [])]}
+    again, plain = reruns(run_dir), mark_rows(rows, starts)
+    marks = {name: with_reruns(r, again) for name, r in plain.items()}  # rerun with the finalists
+    shown = {id(r): r for r in [*front, *marks.values(), *([top] if top else [])]}  # refined: copies
     if prep is not None and prep.test_data is not None and shown:
         score_on_test(list(shown.values()), prep.test_data, prep.bundle)
     files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}
     files["pareto_plot"] = str(
-        plot_front(rows, front, run_dir / "pareto.png", marks, meta.get("objective", "score"))
+        plot_front(rows, front, run_dir / "pareto.png", plain, meta.get("objective", "score"))
     )
     result = CampaignResult(run_dir, rows, front, top, files, marks)
     if top is not None:
@@ -142,13 +143,13 @@ def _print(result: CampaignResult, log: Log) -> None:
            if counts["replayed"] else "")
     )  # fmt: skip
     extra = ("test_top1", "test_drop")
+    refined = ("refined_mean", "refined_runs")  # when the best and the warm starts were rerun
     if result.front:
         log("Pareto front (score vs weight size):\n" + front_table(result.front, extra))
     if result.marks:
         named = [{**r, "trial": f"{name} ({r['trial']})"} for name, r in result.marks.items()]
-        log("warm starts:\n" + front_table(named, extra))
+        log("warm starts:\n" + front_table(named, (*extra, *refined)))
     if result.best is not None:
-        refined = ("refined_mean", "refined_runs")  # when the finalists were rerun (search.refine_top)
         log("best:\n" + front_table([result.best], (*extra, *refined)))
     log(
         "files:\n"

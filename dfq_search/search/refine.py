@@ -2,9 +2,11 @@
 
 A plan's score is one draw: its reconstruction's seed moves top-1 by 0.3-0.5 points on ResNet-20
 (``benchmarks/plan_seeds.py``), as much as the plans of a campaign's top differ, so the highest single
-score is partly luck (the winner's curse). The ``search.refine_top`` best complete plans are each run
-``search.refine_seeds`` more times (seeds ``seed + 1 ...``; same settings); the best plan is the one
-with the highest mean score, and the model shipped is its run that scored highest on the objective.
+score is partly luck (the winner's curse). The ``search.refine_top`` best complete plans, and the warm
+starts (so the summary compares the best with the uniform plan on equal terms), are each run
+``search.refine_seeds`` more times (seeds ``seed + 1 ...``; same settings); the best plan is the
+finalist with the highest mean score, and the model shipped is its run that scored highest on the
+objective.
 Every rerun is kept in ``<campaign>/refine/<config hash>/`` (metrics.json, model.pt) as it ends, so a
 resumed campaign, or ``dfq-search report``, finds them without running them again.
 """
@@ -36,11 +38,11 @@ def finalists(rows: Sequence[dict[str, Any]], top: int) -> list[dict[str, Any]]:
 
 
 def rerun_configs(
-    run_dir: Path, rows: Sequence[dict[str, Any]], configs: dict[str, dict], top: int, seeds: int
+    run_dir: Path, targets: Sequence[dict[str, Any]], configs: dict[str, dict], seeds: int
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(trial, config) of every rerun of the finalists not yet kept in the refine folder."""
+    """(trial, config) of every rerun of the ``targets`` (trial rows) not yet kept in the refine folder."""
     jobs = []
-    for r in finalists(rows, top):
+    for r in targets:
         config = configs.get(r["trial"])
         if config is None:
             continue
@@ -51,12 +53,14 @@ def rerun_configs(
     return jobs
 
 
-def refine(run_dir: Path, rows, configs, top: int, seeds: int, run: Callable, log: Log = print) -> None:
-    """Run the missing reruns through ``run(configs, done)`` (the Ray side) and keep each as it ends."""
-    jobs = rerun_configs(run_dir, rows, configs, top, seeds)
+def refine(run_dir: Path, targets, configs, seeds: int, run: Callable, log: Log = print) -> None:
+    """Run the missing reruns of ``targets`` through ``run(configs, done)`` (the Ray side) and keep each
+    as it ends."""
+    jobs = rerun_configs(run_dir, targets, configs, seeds)
     if not jobs:
         return
-    log(f"refining the {top} best plans: {len(jobs)} reruns with other reconstruction seeds ...")
+    log(f"refining {len(targets)} plans (the best and the warm starts): {len(jobs)} reruns with other "
+        "reconstruction seeds ...")  # fmt: skip
 
     def done(i: int, metrics: dict | None, blob: bytes | None, error: str | None) -> None:
         trial, config = jobs[i]
@@ -86,25 +90,28 @@ def reruns(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def refined_best(run_dir: Path, rows: Sequence[dict[str, Any]], top: int = 0) -> dict[str, Any] | None:
-    """The best trial after refinement: of the finalists with reruns, the plan with the highest mean
-    score, shipped as its highest-scoring run; the plain best when nothing was rerun."""
-    again = reruns(run_dir)
-    pool = [r for r in (finalists(rows, top) if top else candidates(rows)) if again.get(r["trial"])]
-    if not pool:
-        return best(rows)
-
-    def runs(r: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{**r, "seed": None}, *again[r["trial"]]]
-
-    winner = max(pool, key=lambda r: (statistics.fmean(x["score"] for x in runs(r)), -r["size_kib"]))
-    chosen = max(runs(winner), key=lambda x: x["score"])
-    scores = [x["score"] for x in runs(winner)]
+def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``row`` with the mean score over its runs (``refined_*``), shipped as its best-scoring run."""
+    runs = [{**row, "seed": None}, *again.get(row["trial"], [])]
+    if len(runs) == 1:
+        return row
+    chosen = max(runs, key=lambda x: x["score"])
+    scores = [x["score"] for x in runs]
     return {
-        **winner,
+        **row,
         **{k: chosen.get(k) for k in ("score", "agreement", "top1", "kl", "oscillation", "checkpoint")},
         "refined_seed": chosen["seed"],  # None: the trial's own run
         "refined_mean": statistics.fmean(scores),
         "refined_runs": len(scores),
         "refined_scores": json.dumps(scores),
     }
+
+
+def refined_best(run_dir: Path, rows: Sequence[dict[str, Any]], top: int = 0) -> dict[str, Any] | None:
+    """The best trial after refinement: of the ``top`` finalists with reruns, the plan with the highest
+    mean score, shipped as its highest-scoring run; the plain best when nothing was rerun."""
+    again = reruns(run_dir)
+    pool = [with_reruns(r, again) for r in finalists(rows, top) if again.get(r["trial"])]
+    if not pool:
+        return best(rows)
+    return max(pool, key=lambda r: (r["refined_mean"], -r["size_kib"]))

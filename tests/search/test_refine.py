@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 from dfq_search.fingerprint import config_hash
-from dfq_search.search.refine import REFINE_DIR, finalists, refine, refined_best, rerun_configs
+from dfq_search.search.refine import (
+    REFINE_DIR,
+    finalists,
+    refine,
+    refined_best,
+    rerun_configs,
+    reruns,
+    with_reruns,
+)
 from dfq_search.search.results import best
 
 
@@ -53,19 +61,19 @@ def test_finalists_are_the_best_distinct_plans(tmp_path):
 def test_reruns_use_the_next_seeds_and_are_kept_once(tmp_path):
     rows = [_row(tmp_path, "a", 80.0), _row(tmp_path, "b", 79.0), _row(tmp_path, "c", 70.0)]
     configs = {t: _config(t) for t in "abc"}
-    jobs = rerun_configs(tmp_path, rows, configs, top=2, seeds=2)
+    jobs = rerun_configs(tmp_path, rows[:2], configs, seeds=2)
     assert [(t, c["seed"]) for t, c in jobs] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     assert all(c["ptq.iters"] == 5 for _, c in jobs)  # the same settings otherwise
 
     calls, log = [], []
     scores = {("a", 1): 81.0, ("a", 2): 79.0, ("b", 1): 83.0}  # b's seed 2 fails
-    refine(tmp_path, rows, configs, 2, 2, _fake_run(scores, calls), log.append)
+    refine(tmp_path, rows[:2], configs, 2, _fake_run(scores, calls), log.append)
     assert len(calls) == 4 and any("failed" in line and "boom" in line for line in log)
     kept = sorted(p.parent.name for p in (tmp_path / REFINE_DIR).glob("*/model.pt"))
     assert kept == sorted(config_hash({**configs[t], "seed": s}) for t, s in scores)
 
     calls.clear()  # resumed: only the failed rerun runs again
-    refine(tmp_path, rows, configs, 2, 2, _fake_run(scores, calls), log.append)
+    refine(tmp_path, rows[:2], configs, 2, _fake_run(scores, calls), log.append)
     assert [(c["plan"]["layer"], c["seed"]) for c in calls] == [("b", 2)]
 
 
@@ -76,7 +84,7 @@ def test_the_best_is_the_plan_with_the_best_mean_shipped_as_its_best_run(tmp_pat
     assert refined_best(tmp_path, rows, 2) == best(rows)
     # a was lucky (82, then 78 and 79: mean 79.67); b is steady (81, 80, 81.5: mean 80.83)
     scores = {("a", 1): 78.0, ("a", 2): 79.0, ("b", 1): 80.0, ("b", 2): 81.5}
-    refine(tmp_path, rows, configs, 2, 2, _fake_run(scores, []), lambda line: None)
+    refine(tmp_path, rows, configs, 2, _fake_run(scores, []), lambda line: None)  # c: no reruns (fails)
     top = refined_best(tmp_path, rows, 2)
     assert top["trial"] == "b" and top["refined_runs"] == 3
     assert abs(top["refined_mean"] - (81.0 + 80.0 + 81.5) / 3) < 1e-9
@@ -87,7 +95,18 @@ def test_the_best_is_the_plan_with_the_best_mean_shipped_as_its_best_run(tmp_pat
 
 def test_the_trials_own_run_is_shipped_when_it_scored_best(tmp_path):
     rows = [_row(tmp_path, "a", 82.0), _row(tmp_path, "b", 70.0)]
-    refine(tmp_path, rows, {t: _config(t) for t in "ab"}, 1, 1, _fake_run({("a", 1): 81.0}, []), print)
+    refine(tmp_path, rows[:1], {t: _config(t) for t in "ab"}, 1, _fake_run({("a", 1): 81.0}, []), print)
     top = refined_best(tmp_path, rows, 1)
     assert top["trial"] == "a" and top["score"] == 82.0 and top["refined_seed"] is None
     assert top["checkpoint"] == rows[0]["checkpoint"]
+
+
+def test_a_rerun_warm_start_is_never_the_best_unless_a_finalist(tmp_path):
+    rows = [_row(tmp_path, "a", 82.0), _row(tmp_path, "b", 81.0), _row(tmp_path, "u", 70.0)]
+    configs = {t: _config(t) for t in "abu"}
+    scores = {("a", 1): 80.0, ("u", 1): 99.0}  # the uniform plan, rerun for the comparison, got lucky
+    refine(tmp_path, [rows[0], rows[2]], configs, 1, _fake_run(scores, []), lambda line: None)
+    assert refined_best(tmp_path, rows, 2)["trial"] == "a"
+    marked = with_reruns(rows[2], reruns(tmp_path))
+    assert marked["refined_mean"] == (70.0 + 99.0) / 2 and marked["score"] == 99.0
+    assert with_reruns(rows[1], reruns(tmp_path)) == rows[1]  # nothing rerun: unchanged
