@@ -367,9 +367,6 @@ def _refine(
 
     if search.refine_top < 1:
         return
-    if time_left is not None and time_left <= 0:
-        log("time budget spent: the best plans are not refined")
-        return
     rows = result_rows(grid, prep.ctx.reports)
     configs = {(g.metrics or {}).get("trial_id") or Path(g.path).name: dict(g.config or {}) for g in grid}
 
@@ -379,7 +376,9 @@ def _refine(
     targets = {
         r["trial"]: r for r in [*finalists(rows, search.refine_top), *mark_rows(rows, prep.starts).values()]
     }
-    refine(run_dir, list(targets.values()), configs, search.refine_seeds, run, log)
+    refine(
+        run_dir, list(targets.values()), configs, search.refine_seeds, run, log, time_left, search.concurrency
+    )
 
 
 def _rss_mb() -> float:

@@ -14,6 +14,7 @@ resumed campaign, or ``dfq-search report``, finds them without running them agai
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,11 +54,27 @@ def rerun_configs(
     return jobs
 
 
-def refine(run_dir: Path, targets, configs, seeds: int, run: Callable, log: Log = print) -> None:
+def refine(
+    run_dir: Path,
+    targets: Sequence[dict[str, Any]],
+    configs: dict[str, dict],
+    seeds: int,
+    run: Callable,
+    log: Log = print,
+    time_left: float | None = None,
+    concurrency: int = 1,
+) -> None:
     """Run the missing reruns of ``targets`` through ``run(configs, done)`` (the Ray side) and keep each
-    as it ends."""
+    as it ends; none when they would not fit in ``time_left`` seconds (estimated from the targets' own
+    trial times, ``concurrency`` at a time)."""
     jobs = rerun_configs(run_dir, targets, configs, seeds)
     if not jobs:
+        return
+    longest = max((r.get("seconds") or 0.0 for r in targets), default=0.0)
+    needed = math.ceil(len(jobs) / max(1, concurrency)) * longest
+    if time_left is not None and needed > time_left:
+        log(f"not refining: {len(jobs)} reruns need about {needed:.0f} s, {max(time_left, 0):.0f} s of the "
+            "time budget are left")  # fmt: skip
         return
     log(f"refining {len(targets)} plans (the best and the warm starts): {len(jobs)} reruns with other "
         "reconstruction seeds ...")  # fmt: skip

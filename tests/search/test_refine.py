@@ -110,3 +110,13 @@ def test_a_rerun_warm_start_is_never_the_best_unless_a_finalist(tmp_path):
     marked = with_reruns(rows[2], reruns(tmp_path))
     assert marked["refined_mean"] == (70.0 + 99.0) / 2 and marked["score"] == 99.0
     assert with_reruns(rows[1], reruns(tmp_path)) == rows[1]  # nothing rerun: unchanged
+
+
+def test_no_refinement_when_the_reruns_would_overrun_the_time_left(tmp_path):
+    rows = [{**_row(tmp_path, "a", 82.0), "seconds": 30.0}]
+    calls, log = [], []
+    run = _fake_run({("a", 1): 80.0, ("a", 2): 80.0}, calls)
+    refine(tmp_path, rows, {"a": _config("a")}, 2, run, log.append, time_left=50.0, concurrency=1)
+    assert calls == [] and "not refining" in log[-1]  # 2 reruns of 30 s, one at a time: 60 s > 50 s
+    refine(tmp_path, rows, {"a": _config("a")}, 2, run, log.append, time_left=50.0, concurrency=2)
+    assert len(calls) == 2  # two at a time: 30 s
