@@ -48,6 +48,7 @@ class SampleStore:
         self.unspilled = torch.zeros(capacity, dtype=torch.bool)
         self.names: list[str] = []
         self.config_hashes: dict[str, str] = {}
+        self.last_step: dict[str, int] = {}  # the newest step added per generator (evicted or not)
         self.next, self.filled = 0, 0
         self.added, self.evicted, self.served, self.batches_served = 0, 0, 0, 0
         self.started = time.monotonic()
@@ -75,6 +76,9 @@ class SampleStore:
         self.x[idx] = samples.x.detach().to("cpu", torch.float16)
         self.y[idx], self.step[idx] = samples.y.cpu(), samples.step.cpu()
         self.source[idx] = self._source_id(samples.generator, config_hash)
+        if n:
+            newest = int(samples.step.max())
+            self.last_step[samples.generator] = max(self.last_step.get(samples.generator, newest), newest)
         if samples.logits is not None:
             if self.logits is None:
                 self.logits = torch.zeros(self.capacity, samples.logits.shape[1])
@@ -124,5 +128,6 @@ class SampleStore:
         return {"filled": self.filled, "capacity": self.capacity, "added": self.added,
                 "evicted": self.evicted, "served": self.served, "batches_served": self.batches_served,
                 "unspilled": int(self.unspilled[: self.filled].sum()), "held_per_generator": per_gen,
+                "last_step": dict(self.last_step),
                 "serve_rate": self.served / elapsed, "add_rate": self.added / elapsed,
                 "seconds": elapsed}  # fmt: skip

@@ -177,6 +177,11 @@ class SampleBuffer:
                 "serve_rate", "add_rate")  # fmt: skip
         return {**{k: sum(p[k] for p in per) for k in keys}, "shards": per}
 
+    def last_step(self, generator: str) -> int:
+        """The newest step (the samples' 0-based tag) of ``generator`` any shard received (-1: none)."""
+        per = ray.get([s.stats.remote() for s in self.shards])
+        return max((st["last_step"].get(generator, -1) for st in per), default=-1)
+
     def publish(self, name: str, step: int, state: dict, meta: dict | None = None):
         return self.shards[0].publish.remote(name, step, state, meta or {})
 

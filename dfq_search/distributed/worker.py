@@ -4,7 +4,8 @@ Each worker runs a :class:`dfq_search.bank.SourceTrainer` (its own config and se
 GDFQ, DSG and LRQ workers), sends chunks of samples to the buffer, and every ``publish_every`` steps
 publishes its generator state (weights, Adam, RNG, step) to the buffer. The actor is restartable:
 Ray restarts a killed worker (``max_restarts``) and retries its ``run`` call (``max_task_retries``);
-the new instance resumes from the last published state. It pauses when told to, and while the
+the new instance resumes from the last published state and sends no sample of the steps it replays
+that the buffer already received. It pauses when told to, and while the
 buffer is full (``pause_when_full``). It asks for a fraction of a GPU when the cluster has GPUs.
 """
 
@@ -38,6 +39,8 @@ class GeneratorWorker:
         if got is not None and got[1].get("config_hash") == self.hash:
             self.trainer.load_state_dict(got[0])
             self.resumed_from = self.trainer.step_count
+        # a restarted worker replays the steps since its last published state: the buffer has them
+        self.held_up_to = self.buffer.last_step(config.name) if self.resumed_from else -1
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         self.paused, self.stopped = threading.Event(), threading.Event()
         self.waiting_full = self.forking = False
@@ -53,7 +56,7 @@ class GeneratorWorker:
                 time.sleep(0.05)
                 continue
             samples, _ = self.trainer.step()
-            if self.trainer.step_count > cfg.keep_after:
+            if self.trainer.step_count > cfg.keep_after and int(samples.step.max()) > self.held_up_to:
                 pending.append(samples)
             if sum(map(len, pending)) >= cfg.chunk:
                 in_flight = self._send(pending, in_flight)

@@ -89,6 +89,10 @@ def test_killed_worker_restarts_and_resumes_while_buffer_serves(ray_session, tin
     done = pool.wait(timeout=120)["w"]
     assert done["reconstructed"] and done["resumed_from"] >= 10 and done["step"] == 150
     assert buf.stats()["filled"] > 0 and len(buf.sample(64)) == 64
+    held = buf.sample(buf.stats()["filled"])  # everything held (without replacement)
+    per_step = torch.bincount(held.step)  # samples are tagged with their 0-based step
+    assert len(per_step) == 150 and set(per_step.tolist()) == {BATCH}  # none missing, none sent twice
+    assert buf.last_step("w") == 149 and buf.last_step("nobody") == -1
     pool.shutdown()
 
 
