@@ -32,7 +32,7 @@ from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction
 from dfq_search.search.objective import FidelityScorer, LabelledScorer
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
 from dfq_search.search.samples import CampaignSamples, campaign_samples
-from dfq_search.search.space import SearchSpace
+from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
     SENSITIVITY_IMAGES,
     dp_plan,
@@ -357,7 +357,7 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
 
 
 def _refine(
-    run_dir: Path, prep: Prepared, grid: Any, search: Any, res: Any, time_left: float | None, log: Log
+    run_dir: Path, prep: Prepared, grid: Any, search: Search, res: Resources, left: float | None, log: Log
 ) -> None:
     """Re-run the best plans with other seeds (:mod:`dfq_search.search.refine`), time allowing."""
     from dfq_search.distributed.rerun import run_trials
@@ -376,9 +376,7 @@ def _refine(
     targets = {
         r["trial"]: r for r in [*finalists(rows, search.refine_top), *mark_rows(rows, prep.starts).values()]
     }
-    refine(
-        run_dir, list(targets.values()), configs, search.refine_seeds, run, log, time_left, search.concurrency
-    )
+    refine(run_dir, list(targets.values()), configs, search.refine_seeds, run, log, left, search.concurrency)
 
 
 def _rss_mb() -> float:
