@@ -163,12 +163,11 @@ class SampleBuffer:
             if weights.sum()
             else [n] + [0] * (len(weights) - 1)
         )
-        calls = [(i, self.shards[i].sample.remote(int(c))) for i, c in enumerate(counts) if c]
-        parts = []
-        for i, call in calls:
-            refs, self.fills[i] = ray.get(call)
-            parts.append(ray.get(refs[0]))
-        return _batch(parts)
+        which = [i for i, c in enumerate(counts) if c]
+        answers = ray.get([self.shards[i].sample.remote(int(counts[i])) for i in which])  # all shards at once
+        for i, (_, filled) in zip(which, answers, strict=True):
+            self.fills[i] = filled
+        return _batch(ray.get([refs[0] for refs, _ in answers]))
 
     def stats(self) -> dict:
         """Summed counts and rates over the shards, with the per-shard statistics."""
