@@ -139,6 +139,16 @@ def _c_space_string_for_number(t):
     return Case(_run(t, p), ("search.trials", "many"), [p])
 
 
+def _c_space_negative_refine(t):
+    p = _space(t, _set("search.refine_top", -1))
+    return Case(_run(t, p), ("search.refine_top", "-1"), [p])
+
+
+def _c_space_unknown_search_key(t):
+    p = _space(t, _set("search.refine_seed", 2))
+    return Case(_run(t, p), ("refine_seed", "refine_seeds"), [p])
+
+
 def _c_space_bool_for_int(t):
     p = _space(t, _set("samples.calibration", True))
     return Case(_run(t, p), ("samples.calibration", "True"), [p])
