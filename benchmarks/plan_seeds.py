@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="reconstruction seeds")
     p.add_argument("--iters", type=int, default=None, help="steps per unit (default: the campaign's)")
     p.add_argument("--campaign-iters", type=int, default=100, help="the campaign's steps per unit")
+    p.add_argument("--trials", type=int, default=24, help="the campaign's trial count")
     p.add_argument("--calibration", type=int, default=512, help="the campaign's synthetic images")
     p.add_argument("--modcap-k", type=int, default=0)
     p.add_argument("--weight-choices", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
@@ -104,8 +105,8 @@ def main() -> None:
     from dfq_search.search.samples import campaign_samples
     from dfq_search.search.trial import TrialContext
 
-    space_args = argparse.Namespace(**{**vars(args), "iters": args.campaign_iters, "trials": 24,
-                                       "concurrency": 2, "reports": None})  # fmt: skip
+    space_args = argparse.Namespace(**{**vars(args), "iters": args.campaign_iters, "concurrency": 2,
+                                       "reports": None})  # fmt: skip
     space = space_for(space_args, args.budget, args.sampler, args.search_seed)
     run_dir = args.storage / campaign_name(space)
     if not (run_dir / "results.parquet").is_file():
