@@ -4,7 +4,6 @@ driver as soon as its task ends, so what finished survives a crash of the rest."
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import ray
 import torch
 
-from dfq_search.distributed.session import gpu_fraction
+from dfq_search.distributed.session import gpu_fraction, trial_device
 from dfq_search.search.trial import TrialContext, run_trial
 
 Done = Callable[[int, dict[str, Any] | None, bytes | None, str | None], None]
@@ -20,7 +19,7 @@ Done = Callable[[int, dict[str, Any] | None, bytes | None, str | None], None]
 
 def _rerun(config: dict[str, Any], ctx: TrialContext, cpus: float) -> tuple[dict[str, Any], bytes]:
     """One trial, in a Ray task: its final metrics and its model file."""
-    ctx.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    ctx.device = trial_device()
     ctx.memo = None  # the caller keeps what it needs
     torch.set_num_threads(max(1, int(cpus)))
     out: dict[str, Any] = {}
@@ -50,10 +49,3 @@ def run_trials(configs: list[dict[str, Any]], ctx: TrialContext, cpu: float, gpu
             done(i, None, None, str(err).strip().splitlines()[-1][:500] if str(err).strip() else repr(err))
             continue
         done(i, metrics, blob, None)
-
-
-def write_model(blob: bytes) -> tempfile.TemporaryDirectory:
-    """A temporary folder holding ``model.pt`` with ``blob`` (for a caller that keeps a copy)."""
-    tmp = tempfile.TemporaryDirectory(prefix="dfq_rerun_")
-    (Path(tmp.name) / "model.pt").write_bytes(blob)
-    return tmp

@@ -92,6 +92,13 @@ def gpu_fraction(requested: float) -> float:
     return requested if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def trial_device() -> str:
+    """The device inside a trial's worker or task: its GPU when Ray gave it one and torch sees it."""
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def actor_device() -> str:
     """The device inside an actor: its assigned GPU when Ray gave it one, else the CPU."""
     return "cuda" if ray.get_gpu_ids() else "cpu"

@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from dfq_search.distributed.session import trial_device
 from dfq_search.search.trial import TrialContext, run_trial
 
 SAMPLERS_WITH_CONSTRAINTS = ("tpe", "nsga2", "gp")
@@ -50,7 +51,7 @@ def make_sampler(
 
 def _trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """A Tune function trainable: one trial, on this worker's GPU when it has one."""
-    ctx.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    ctx.device = trial_device()
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 

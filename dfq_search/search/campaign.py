@@ -363,12 +363,12 @@ def _refine(
     from dfq_search.distributed.rerun import run_trials
     from dfq_search.search.outputs import mark_rows
     from dfq_search.search.refine import finalists, refine
-    from dfq_search.search.results import result_rows
+    from dfq_search.search.results import result_rows, trial_id
 
     if search.refine_top < 1:
         return
     rows = result_rows(grid, prep.ctx.reports)
-    configs = {(g.metrics or {}).get("trial_id") or Path(g.path).name: dict(g.config or {}) for g in grid}
+    configs = {trial_id(g): dict(g.config or {}) for g in grid}
 
     def run(configs: list, done: Callable) -> None:
         run_trials(configs, prep.ctx, res.trial_cpu, res.trial_gpu, done)

@@ -72,14 +72,14 @@ def finalize(
 
     meta = json.loads((run_dir / "campaign.json").read_text())
     rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
-    front = pareto_front(rows)
-    top = refined_best(run_dir, rows, int(meta.get("search", {}).get("refine_top", 0)))
+    front, again = pareto_front(rows), reruns(run_dir)
+    top = refined_best(rows, again, int(meta.get("search", {}).get("refine_top", 0)))
     starts = (
         prep.starts
         if prep is not None
         else {k: {n: LayerBits(**b) for n, b in v.items()} for k, v in meta.get("warm_starts", {}).items()}
     )
-    again, plain = reruns(run_dir), mark_rows(rows, starts)
+    plain = mark_rows(rows, starts)
     marks = {name: with_reruns(r, again) for name, r in plain.items()}  # rerun with the finalists
     shown = {id(r): r for r in [*front, *marks.values(), *([top] if top else [])]}  # refined: copies
     if prep is not None and prep.test_data is not None and shown:

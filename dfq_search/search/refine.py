@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,9 @@ def refine(
         if metrics is None or blob is None:
             log(f"  rerun {i + 1}/{len(jobs)} of trial {trial} (seed {config['seed']}) failed: {error}")
             return
-        from dfq_search.distributed.rerun import write_model
-
         seed, memo = config["seed"], Memo(str(run_dir / REFINE_DIR), config)
-        with write_model(blob) as folder:
+        with tempfile.TemporaryDirectory(prefix="dfq_rerun_") as folder:
+            (Path(folder) / "model.pt").write_bytes(blob)
             memo.save({**metrics, "trial": trial, "seed": seed}, Path(folder))
         log(f"  rerun {i + 1}/{len(jobs)} of trial {trial} (seed {seed}): score {metrics['score']:.4f}")
 
@@ -124,10 +124,12 @@ def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> 
     }
 
 
-def refined_best(run_dir: Path, rows: Sequence[dict[str, Any]], top: int = 0) -> dict[str, Any] | None:
-    """The best trial after refinement: of the ``top`` finalists with reruns, the plan with the highest
-    mean score, shipped as its highest-scoring run; the plain best when nothing was rerun."""
-    again = reruns(run_dir)
+def refined_best(
+    rows: Sequence[dict[str, Any]], again: dict[str, list[dict[str, Any]]], top: int = 0
+) -> dict[str, Any] | None:
+    """The best trial after refinement: of the ``top`` finalists with reruns (``again``: :func:`reruns`),
+    the plan with the highest mean score, shipped as its highest-scoring run; the plain best when nothing
+    was rerun."""
     pool = [with_reruns(r, again) for r in finalists(rows, top) if again.get(r["trial"])]
     if not pool:
         return best(rows)

@@ -55,6 +55,11 @@ def failure_reason(error: Any) -> str | None:
     return lines[-1][:1000] if lines else type(error).__name__
 
 
+def trial_id(result: Any) -> str:
+    """The id of a Tune ``Result``'s trial (its folder's name when it reported nothing)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
 def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
     """One row per trial of a Tune ``ResultGrid``: parameters, final metrics, every report, status,
     timings, the failure reason and the checkpoint folder."""
@@ -67,7 +72,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
         if df is not None and "score" in df:
             history = [_plain(float(v)) for v in df["score"].tolist()]
         row: dict[str, Any] = {
-            "trial": m.get("trial_id") or Path(result.path).name,
+            "trial": trial_id(result),
             "status": _status(m, result.error, reports),
             "kind": config.get("kind"),
             "score": _plain(m.get("score")),

@@ -80,12 +80,12 @@ def test_reruns_use_the_next_seeds_and_are_kept_once(tmp_path):
 def test_the_best_is_the_plan_with_the_best_mean_shipped_as_its_best_run(tmp_path):
     rows = [_row(tmp_path, "a", 82.0), _row(tmp_path, "b", 81.0), _row(tmp_path, "c", 70.0)]
     configs = {t: _config(t) for t in "abc"}
-    assert refined_best(tmp_path, rows, 2)["trial"] == "a"  # nothing rerun: the plain best
-    assert refined_best(tmp_path, rows, 2) == best(rows)
+    assert refined_best(rows, reruns(tmp_path), 2)["trial"] == "a"  # nothing rerun: the plain best
+    assert refined_best(rows, reruns(tmp_path), 2) == best(rows)
     # a was lucky (82, then 78 and 79: mean 79.67); b is steady (81, 80, 81.5: mean 80.83)
     scores = {("a", 1): 78.0, ("a", 2): 79.0, ("b", 1): 80.0, ("b", 2): 81.5}
     refine(tmp_path, rows, configs, 2, _fake_run(scores, []), lambda line: None)  # c: no reruns (fails)
-    top = refined_best(tmp_path, rows, 2)
+    top = refined_best(rows, reruns(tmp_path), 2)
     assert top["trial"] == "b" and top["refined_runs"] == 3
     assert abs(top["refined_mean"] - (81.0 + 80.0 + 81.5) / 3) < 1e-9
     assert top["score"] == 81.5 and top["refined_seed"] == 2 and top["agreement"] == 62.0  # its best run
@@ -96,7 +96,7 @@ def test_the_best_is_the_plan_with_the_best_mean_shipped_as_its_best_run(tmp_pat
 def test_the_trials_own_run_is_shipped_when_it_scored_best(tmp_path):
     rows = [_row(tmp_path, "a", 82.0), _row(tmp_path, "b", 70.0)]
     refine(tmp_path, rows[:1], {t: _config(t) for t in "ab"}, 1, _fake_run({("a", 1): 81.0}, []), print)
-    top = refined_best(tmp_path, rows, 1)
+    top = refined_best(rows, reruns(tmp_path), 1)
     assert top["trial"] == "a" and top["score"] == 82.0 and top["refined_seed"] is None
     assert top["checkpoint"] == rows[0]["checkpoint"]
 
@@ -106,7 +106,7 @@ def test_a_rerun_warm_start_is_never_the_best_unless_a_finalist(tmp_path):
     configs = {t: _config(t) for t in "abu"}
     scores = {("a", 1): 80.0, ("u", 1): 99.0}  # the uniform plan, rerun for the comparison, got lucky
     refine(tmp_path, [rows[0], rows[2]], configs, 1, _fake_run(scores, []), lambda line: None)
-    assert refined_best(tmp_path, rows, 2)["trial"] == "a"
+    assert refined_best(rows, reruns(tmp_path), 2)["trial"] == "a"
     marked = with_reruns(rows[2], reruns(tmp_path))
     assert marked["refined_mean"] == (70.0 + 99.0) / 2 and marked["score"] == 99.0
     assert with_reruns(rows[1], reruns(tmp_path)) == rows[1]  # nothing rerun: unchanged
