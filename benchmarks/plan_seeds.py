@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-seed", type=int, default=0, help="the campaign's search seed")
     p.add_argument("--top", type=int, default=3, help="best complete plans of the campaign (by half A)")
     p.add_argument("--skip", nargs="*", default=["uniform-w2/8"], help="warm starts left out, by name")
+    p.add_argument("--uniform", type=int, nargs="*", default=[],
+                   help="uniform plans at these weight bits too (references over the budget)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="reconstruction seeds")
     p.add_argument("--iters", type=int, default=None, help="steps per unit (default: the campaign's)")
     p.add_argument("--campaign-iters", type=int, default=100, help="the campaign's steps per unit")
@@ -128,6 +130,9 @@ def main() -> None:
                        samples.calib, FidelityScorer(bundle.model, samples.heldout), reports=1,
                        device=args.device, preprocess=bundle.preprocess)  # fmt: skip
     plans = campaign_plans(args, run_dir)
+    for w in args.uniform:
+        ref = plans_space.uniform(w, 4)
+        plans[f"uniform-w{w} (ref)"] = {n: {"w": b.w, "a": b.a} for n, b in ref.items()}
     runs: dict[str, list[dict]] = {name: [] for name in plans}
     for seed in args.seeds:  # seeds outside: a run cut short still has every plan at the first seeds
         for name, plan in plans.items():

@@ -196,13 +196,14 @@ class PlanSpace:
         from dfq_search.quant.plan import parse_bits
 
         if self.budget.uniform_weight_bits:
-            return self.cost(self._uniform(self.budget.uniform_weight_bits, 8))["size_kib"]
+            return self.cost(self.uniform(self.budget.uniform_weight_bits, 8))["size_kib"]
         if self.budget.uniform_bops:
             bits = parse_bits(self.budget.uniform_bops)
-            return self.cost(self._uniform(bits.w, bits.a))["mbops"]
+            return self.cost(self.uniform(bits.w, bits.a))["mbops"]
         return 0.0
 
-    def _uniform(self, w: int, a: int) -> dict[str, LayerBits]:
+    def uniform(self, w: int, a: int) -> dict[str, LayerBits]:
+        """Every layer at its choice nearest to ``w``/``a`` bits (budget not checked)."""
         return {c.name: LayerBits(_nearest(c.w, w), _nearest(c.a, a)) for c in self.choices}
 
     def params_of(self, bits: Mapping[str, LayerBits]) -> dict[str, int]:
@@ -223,7 +224,7 @@ class PlanSpace:
         out = []
         for w in common:
             for a in acts:
-                bits = self._uniform(w, a)
+                bits = self.uniform(w, a)
                 if self.excess(self.cost(bits)) <= 1e-9:
                     out.append(bits)
                     break
