@@ -77,9 +77,8 @@ def _add_campaign_parsers(sub) -> None:
     run.add_argument("--model", help="model (default: the space's model.name); see 'dfq-search models'")
     run.add_argument("--weights", help="weights file of the model (default: the space's model.weights)")
     run.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
-    run.add_argument(
-        "--storage", type=Path, default=Path("runs"), help="where campaigns live (default runs/)"
-    )
+    run.add_argument("--storage", default="runs", help="where campaigns live: a folder (default runs/) "
+                     "or a URI every node reaches, e.g. s3://bucket/prefix")  # fmt: skip
     run.add_argument("--name", help="campaign name (default: <model>-<space>)")
     run.add_argument("--resume", action="store_true", help="continue the campaign of that name")
     run.add_argument("--address", help="Ray cluster address ('auto' on a cluster; default: a local Ray)")
@@ -95,7 +94,7 @@ def _add_campaign_parsers(sub) -> None:
     run.add_argument("--device", default="cpu", help="device of the driver's preparation (trials use the "
                      "GPU Ray gives them)")  # fmt: skip
     rep = sub.add_parser("report", help="rebuild the tables and plots of a finished or running campaign")
-    rep.add_argument("path", type=Path, help="the campaign folder (<storage>/<name>)")
+    rep.add_argument("path", help="the campaign: <storage>/<name>, a folder or a URI")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,13 +59,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dfq_search.search.campaign import finalize
+    from dfq_search.search.storage import CampaignStore
 
-    if not (args.path / "campaign.json").is_file():
+    store = CampaignStore.of(args.path)
+    if not store.exists():
         raise DfqError(
             "not a campaign folder",
-            str(args.path),
-            "a folder with campaign.json",
+            store.where,
+            "a folder (or URI) with campaign.json",
             "pass <storage>/<name> of a 'dfq-search run'",
         )
-    finalize(args.path.resolve(), None, lambda line: print(line, flush=True))
+    store.pull()
+    finalize(store.local, None, lambda line: print(line, flush=True))
+    store.push()
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from dfq_search.search.starts import (
     warm_start_points,
     warm_starts,
 )
+from dfq_search.search.storage import CampaignStore
 from dfq_search.search.trial import TrialContext
 
 __all__ = [
@@ -67,7 +67,7 @@ class CampaignOptions:
     model: str | None = None
     weights: str | None = None
     num_classes: int | None = None
-    storage: Path = Path("runs")
+    storage: Path | str = Path("runs")  # a folder, or a URI (s3://bucket/prefix)
     name: str | None = None
     address: str | None = None
     resume: bool = False
@@ -107,10 +107,6 @@ class CampaignOptions:
 def check_storage(run_dir: Path, resume: bool) -> None:
     """Refuse, before any compute, a storage path that cannot be written, a full disk, or an existing
     campaign that was not asked to be resumed (nothing of it is touched)."""
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(run_dir)):
-        raise DfqError("storage is a URI", str(run_dir), "a folder path (on a cluster: a file system mounted "
-                       "at the same path on every node, e.g. EFS or NFS)",
-                       "mount the bucket or share, and pass its path as --storage")  # fmt: skip
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_probe"
@@ -132,12 +128,38 @@ def check_storage(run_dir: Path, resume: bool) -> None:
             "free space or pass another --storage",
         )
     if (run_dir / "campaign.json").exists() and not resume:
-        raise DfqError(
-            "a campaign already exists at the storage path",
-            str(run_dir),
-            "a new --name, or --resume to continue this one",
-            "add --resume or pass --name NEW",
-        )
+        raise _exists(str(run_dir))
+
+
+def _exists(where: str) -> DfqError:
+    return DfqError(
+        "a campaign already exists at the storage path",
+        where,
+        "a new --name, or --resume to continue this one",
+        "add --resume or pass --name NEW",
+    )
+
+
+def _open_store(opts: CampaignOptions, log: Log) -> tuple[CampaignStore, bool]:
+    """The campaign's store, checked, and whether to resume (the same unnamed campaign resumes)."""
+    store = CampaignStore.at(opts.storage, opts.run_name)
+    if store.uri is None:
+        check_storage(store.local.parent, True)
+    else:
+        store.check_remote()
+    exists = store.exists()
+    resume = opts.resume or (opts.name is None and exists)
+    if resume and not opts.resume:
+        log(f"the same campaign exists in {store.where}: resuming it (finished trials are kept; --name NEW "
+            "starts another)")  # fmt: skip
+    if store.uri is not None:
+        if exists and not resume:
+            raise _exists(store.where)
+        if resume:
+            store.pull()
+        else:
+            store.reset()
+    return store, resume
 
 
 def _test_data(opts: CampaignOptions, bundle: ModelBundle):
@@ -194,8 +216,9 @@ class Prepared:
     meta: dict[str, Any]
 
 
-def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
-    """Everything before the trials (steps 1-4 of the module docstring)."""
+def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | None = None) -> Prepared:
+    """Everything before the trials (steps 1-4 of the module docstring); ``bank``: where generator
+    samples spill (a path or URI every node reaches; default ``run_dir/bank``)."""
     from dfq_search.device import resolve_device
 
     space, device = opts.space, resolve_device(opts.device)
@@ -227,7 +250,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print) -> Prepared:
         from dfq_search.distributed.campaign import generator_samples
 
         distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())  # the workers need Ray
-        bank, name = str(run_dir / "bank"), f"{run_dir.name}-samples"
+        bank, name = bank or str(run_dir / "bank"), f"{run_dir.name}-samples"
         draw, heldout, seconds, origin = generator_samples(
             bundle, space.samples, bank, name, space.resources, log
         )
@@ -283,45 +306,21 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     from dfq_search.distributed.tune import ProgressLine, TensorBoardCurves, TuneSetup, run_tuner
 
     start = time.perf_counter()
-    check_storage(Path(str(opts.storage)), True)  # a URI is refused before Path() mangles it
-    run_dir = (opts.storage / opts.run_name).resolve()
-    resume = opts.resume or (opts.name is None and (run_dir / "campaign.json").is_file())
-    if resume and not opts.resume:
-        log(f"the same campaign exists in {run_dir}: resuming it (finished trials are kept; --name NEW "
-            "starts another)")  # fmt: skip
-    opts = replace(opts, resume=resume)
+    store, resume = _open_store(opts, log)
+    opts, run_dir = replace(opts, resume=resume), store.local
     fresh = not run_dir.exists()
     check_storage(run_dir, opts.resume)
+    _check_resumed(run_dir, opts)
     try:
-        prep = prepare(opts, run_dir, log)
+        prep = prepare(opts, run_dir, log, store.location("bank"))
     except DfqError:
         if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a mistake in the command leaves no empty campaign folder behind
         raise
-    s = opts.space
-    search = replace(
-        s.search,
-        **{
-            k: v
-            for k, v in (
-                ("trials", opts.trials),
-                ("concurrency", opts.concurrency),
-                ("sampler", opts.sampler),
-            )
-            if v is not None
-        },
-    )
-    (run_dir / "campaign.json").write_text(
-        json.dumps(
-            {
-                **prep.meta,
-                "search": asdict(search),
-                "reports": s.objective.reports,
-                "space_resolved": asdict(s),
-            },
-            indent=1,
-        )
-    )
+    s, search = opts.space, _search_of(opts)
+    meta = {**prep.meta, "search": asdict(search), "reports": s.objective.reports}
+    (run_dir / "campaign.json").write_text(json.dumps({**meta, "space_resolved": asdict(s)}, indent=1))
+    store.push()  # a campaign elsewhere than this machine can be resumed or reported from now on
     prep.ctx.p = prep.ctx.p.cpu()
     distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())
     setup = TuneSetup(
@@ -343,17 +342,62 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
         explicit_gpu=opts.address is not None,
     )
     log(
-        f"campaign {run_dir}: {search.trials} trials, {search.concurrency} at a time, "
+        f"campaign {store.where}: {search.trials} trials, {search.concurrency} at a time, "
         f"{search.sampler} sampler, objective {prep.ctx.scorer.metric} ({s.objective.mode})"
     )
     rss_before = _rss_mb()
-    grid = run_tuner(setup, str(opts.storage.resolve()), opts.run_name, opts.resume)
+    grid = run_tuner(setup, store.tune_storage, opts.run_name, opts.resume)
+    store.pull()  # the trials, when they were written to a URI
     memory = {"before_trials_mb": rss_before, "after_trials_mb": _rss_mb(), "peak_mb": _peak_rss_mb()}
     left = None if opts.time_budget is None else opts.time_budget - (time.perf_counter() - start)
     _refine(run_dir, prep, grid, search, opts.space.resources, left, log)
+    store.push()
     result = finalize(run_dir, prep, log, {"driver_memory": memory})
+    store.push()
+    if store.uri is not None:
+        log(f"campaign stored at {store.uri} (local copy: {run_dir})")
     log(f"done in {time.perf_counter() - start:.1f} s")
     return result
+
+
+def _search_of(opts: CampaignOptions) -> Search:
+    """The space's search settings with the command line's on top."""
+    flags = {"trials": opts.trials, "concurrency": opts.concurrency, "sampler": opts.sampler}
+    return replace(opts.space.search, **{k: v for k, v in flags.items() if v is not None})
+
+
+RESUME_FIXED = ("trials", "sampler", "seed", "concurrency")  # Tune restores these from the campaign
+RESUME_FREE = ("search", "resources", "source")  # besides RESUME_FIXED, these may change on resume
+
+
+def _check_resumed(run_dir: Path, opts: CampaignOptions) -> None:
+    """Refuse to resume with settings Tune would silently keep from the campaign's start (settings a
+    campaign made by an older version did not record are not compared)."""
+    path = run_dir / "campaign.json"
+    if not opts.resume or not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    was = {**before.get("space_resolved", {}), "search": before.get("search", {})}
+    now = json.loads(json.dumps({**asdict(opts.space), "search": asdict(_search_of(opts))}, default=str))
+    keep = {f"search.{k}" for k in RESUME_FIXED}
+    old, new = _leaves(was), _leaves(now)
+    changed = [
+        k for k in new if k in old and old[k] != new[k] and (k in keep or k.split(".")[0] not in RESUME_FREE)
+    ]
+    if changed:
+        raise DfqError(
+            "a resumed campaign cannot change its settings",
+            ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in changed),
+            "the settings the campaign started with (resources and refinement may change)",
+            "resume with the same space and flags, or start another campaign with --name NEW",
+        )
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}".lstrip(".")).items()}
 
 
 def _refine(

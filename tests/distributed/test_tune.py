@@ -135,8 +135,31 @@ def test_run_refuses_an_existing_named_campaign_without_resume(tmp_path, shared_
     assert (tmp_path / "mine" / "campaign.json").read_text() == "{}"  # untouched
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_campaign_on_a_uri_lives_there_and_resumes_and_reports_from_it(tmp_path, shared_cache):
+    """file:// stands in for s3://: Tune writes the trials to the URI, the driver its own files."""
+    uri = f"file://{tmp_path}/bucket/campaigns"
+    argv = cli("run", "--space", "tiny_smoke", "--storage", uri, "--num-cpus", "2", "--name", "remote")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"campaign stored at {uri}/remote" in proc.stdout
+    remote = tmp_path / "bucket" / "campaigns" / "remote"
+    for name in ("campaign.json", "sensitivity.json", "results.parquet", "pareto.png", "best_plan.yaml",
+                 "best_model.pt", "summary.json"):  # fmt: skip
+        assert (remote / name).is_file(), name
+    finals = {p.parent.name: p.read_text() for p in remote.glob("trial_*/result.json")}
+    assert len(finals) == 3
+
+    elsewhere = env(tmp_path / "another-machine")  # an empty cache: no mirror, no samples
+    rep = subprocess.run(cli("report", f"{uri}/remote"), capture_output=True, text=True, env=elsewhere,
+                         timeout=120)  # fmt: skip
+    best = json.loads((remote / "summary.json").read_text())["best"]["trial"]
+    assert rep.returncode == 0 and best in rep.stdout.split("best:")[1], rep.stderr[-2000:]
+    changed = subprocess.run([*argv, "--resume", "--trials", "5"], capture_output=True, text=True,
+                             env=elsewhere, timeout=120)  # fmt: skip
+    assert changed.returncode == 2 and "search.trials: 3 -> 5" in changed.stderr
+    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=elsewhere, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.parent.name: p.read_text() for p in remote.glob("trial_*/result.json")} == finals
 
 
 def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
@@ -186,3 +209,7 @@ def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_pa
     report = subprocess.run(cli("report", str(run)), capture_output=True, text=True, env=env(shared_cache),
                             timeout=120)  # fmt: skip
     assert report.returncode == 0 and json.loads((run / "summary.json").read_text())["best"] == best
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
