@@ -306,6 +306,21 @@ def _c_run_storage_is_file(t):
     return Case(_run(t, "tiny_smoke"), ("not writable", "store"), [f])
 
 
+def _c_run_storage_unknown_scheme(t):
+    argv = ["run", "--space", "tiny_smoke", "--storage", "nosuch://bucket/p", "--name", "n"]
+    return Case(argv, ("storage URI not understood", "nosuch://bucket/p/n", "s3://bucket/prefix"))
+
+
+def _c_run_resume_changes_trials(t):
+    run = _write(t / "store" / "old" / "campaign.json", '{"search": {"trials": 3, "sampler": "tpe"}}')
+    argv = _run(t, "tiny_smoke", "--name", "old", "--resume", "--trials", "9")
+    return Case(argv, ("cannot change its settings", "search.trials: 3 -> 9", "--name NEW"), [run.parent])
+
+
+def _c_report_uri_not_campaign(t):
+    return Case(["report", f"file://{t}/nothing"], ("not a campaign folder", "nothing"))
+
+
 def _c_report_not_campaign(t):
     d = t / "notrun"
     _write(d / "notes.txt", "hello")
