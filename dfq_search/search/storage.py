@@ -3,8 +3,9 @@
 
 With a folder, everything is read and written there. With a URI, Tune writes the trials there itself
 (each worker uploads its results and checkpoints), and the driver works in a local mirror of the
-campaign (under the cache): it pulls the campaign before a resume and the trials after them, and
-pushes its own files (``DRIVER_FILES``) after each step that writes them. Trials' memos of finished
+campaign (under the cache): it pulls the campaign before a resume and the trials after them (not
+the sample bank: it is read at the URI), and pushes its own files (``DRIVER_FILES``) after each step
+that writes them. Trials' memos of finished
 configs stay on each node (a repeated config is replayed only on the node that ran it).
 """
 
@@ -32,6 +33,7 @@ DRIVER_FILES = (
     "tensorboard",
     "refine",
 )
+NOT_PULLED = ("bank",)  # the sample bank is read where it is (SampleBank opens URIs): never copied
 
 
 def is_uri(location: str | Path) -> bool:
@@ -117,7 +119,8 @@ class CampaignStore:
 
         def copy() -> None:
             for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-                if info.base_name in DRIVER_FILES and (self.local / info.base_name).exists():
+                kept = info.base_name in DRIVER_FILES and (self.local / info.base_name).exists()
+                if kept or info.base_name in NOT_PULLED:
                     continue
                 self._copy(info.path, str(self.local / info.base_name), fs, pafs.LocalFileSystem(), info)
 

@@ -53,7 +53,9 @@ def test_push_sends_only_the_drivers_files_and_pull_keeps_them(tmp_path, cache):
     (remote / "trial_b" / "checkpoint_000000").mkdir(parents=True)  # a worker's trial
     (remote / "trial_b" / "checkpoint_000000" / "model.pt").write_text("m")
     (remote / "tensorboard" / "t1" / "events").write_text("old")
+    (remote / "bank" / "shards").mkdir(parents=True)  # the generator workers' bank: read at the URI
     store.pull()
+    assert not (store.local / "bank").exists()
     assert (store.local / "trial_b" / "checkpoint_000000" / "model.pt").read_text() == "m"
     assert (store.local / "tensorboard" / "t1" / "events").read_text() == "new"  # the driver's: kept
     store.reset()
