@@ -70,6 +70,6 @@ def cmd_report(args: argparse.Namespace) -> int:
             "pass <storage>/<name> of a 'dfq-search run'",
         )
     store.pull()
-    finalize(store.local, None, lambda line: print(line, flush=True))
+    finalize(store.local, None, lambda line: print(line, flush=True), fetch=store.fetch)
     store.push()
     return 0

@@ -352,7 +352,7 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     left = None if opts.time_budget is None else opts.time_budget - (time.perf_counter() - start)
     _refine(run_dir, prep, grid, search, opts.space.resources, left, log)
     store.push()
-    result = finalize(run_dir, prep, log, {"driver_memory": memory})
+    result = finalize(run_dir, prep, log, {"driver_memory": memory}, store.fetch)
     store.push()
     if store.uri is not None:
         log(f"campaign stored at {store.uri} (local copy: {run_dir})")

@@ -65,9 +65,14 @@ def mark_rows(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, d
 
 
 def finalize(
-    run_dir: Path, prep: Any, log: Log = print, extra: dict[str, Any] | None = None
+    run_dir: Path,
+    prep: Any,
+    log: Log = print,
+    extra: dict[str, Any] | None = None,
+    fetch: Callable[[Path], None] | None = None,
 ) -> CampaignResult:
-    """Rows, front, best and every output file of the campaign in ``run_dir``."""
+    """Rows, front, best and every output file of the campaign in ``run_dir``; ``fetch(folder)``
+    brings a checkpoint folder that is not local yet (a campaign on a URI) before it is read."""
     from dfq_search.distributed.tune import load_results
 
     meta = json.loads((run_dir / "campaign.json").read_text())
@@ -82,6 +87,9 @@ def finalize(
     plain = mark_rows(rows, starts)
     marks = {name: with_reruns(r, again) for name, r in plain.items()}  # rerun with the finalists
     shown = {id(r): r for r in [*front, *marks.values(), *([top] if top else [])]}  # refined: copies
+    for r in [*shown.values()] if fetch else []:
+        if r.get("checkpoint"):
+            fetch(Path(r["checkpoint"]))
     if prep is not None and prep.test_data is not None and shown:
         score_on_test(list(shown.values()), prep.test_data, prep.bundle)
     files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}

@@ -33,6 +33,7 @@ DRIVER_FILES = (
     "tensorboard",
     "refine",
 )
+CHECKPOINT = "checkpoint_"  # Tune's checkpoint folders in a trial's folder: fetched when read
 NOT_PULLED = ("bank",)  # the sample bank is read where it is (SampleBank opens URIs): never copied
 
 
@@ -108,23 +109,40 @@ class CampaignStore:
             shutil.rmtree(self.local, ignore_errors=True)
 
     def pull(self) -> None:
-        """Copy the campaign from the URI into the mirror; the driver's own files already in the mirror
-        are kept (it wrote them: they are at least as new)."""
+        """Copy the campaign from the URI into the mirror, without the trials' checkpoints (``fetch``
+        brings those that are read); the driver's own files already in the mirror are kept (it wrote
+        them: they are at least as new)."""
         if self.uri is None:
             return
         self.local.mkdir(parents=True, exist_ok=True)
         import pyarrow.fs as pafs
 
         fs, path = self._fs()
+        local = pafs.LocalFileSystem()
 
         def copy() -> None:
-            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-                kept = info.base_name in DRIVER_FILES and (self.local / info.base_name).exists()
-                if kept or info.base_name in NOT_PULLED:
+            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True)):
+                rel = info.path[len(path) :].strip("/")
+                top, *rest = rel.split("/")
+                kept = top in DRIVER_FILES and (self.local / top).exists()
+                checkpoint = any(part.startswith(CHECKPOINT) for part in rest)
+                if info.type != pafs.FileType.File or kept or top in NOT_PULLED or checkpoint:
                     continue
-                self._copy(info.path, str(self.local / info.base_name), fs, pafs.LocalFileSystem(), info)
+                self._copy(info.path, str(self.local / rel), fs, local, info)
 
         self._call(copy)
+
+    def fetch(self, folder: Path) -> None:
+        """Bring ``folder`` of the mirror (e.g. a trial's checkpoint) from the URI when it is missing."""
+        if self.uri is None or folder.exists():
+            return
+        import pyarrow.fs as pafs
+
+        fs, path = self._fs()
+        rel = folder.resolve().relative_to(self.local.resolve()).as_posix()
+        info = self._call(lambda: fs.get_file_info(f"{path}/{rel}"))
+        if info.type != pafs.FileType.NotFound:
+            self._call(lambda: self._copy(info.path, str(folder), fs, pafs.LocalFileSystem(), info))
 
     def push(self) -> None:
         """Copy the driver's files from the mirror to the URI (replacing what is there)."""

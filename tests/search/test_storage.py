@@ -52,11 +52,17 @@ def test_push_sends_only_the_drivers_files_and_pull_keeps_them(tmp_path, cache):
 
     (remote / "trial_b" / "checkpoint_000000").mkdir(parents=True)  # a worker's trial
     (remote / "trial_b" / "checkpoint_000000" / "model.pt").write_text("m")
+    (remote / "trial_b" / "result.json").write_text("r")
     (remote / "tensorboard" / "t1" / "events").write_text("old")
     (remote / "bank" / "shards").mkdir(parents=True)  # the generator workers' bank: read at the URI
     store.pull()
     assert not (store.local / "bank").exists()
-    assert (store.local / "trial_b" / "checkpoint_000000" / "model.pt").read_text() == "m"
+    assert (store.local / "trial_b" / "result.json").read_text() == "r"
+    checkpoint = store.local / "trial_b" / "checkpoint_000000"
+    assert not checkpoint.exists()  # checkpoints come when they are read
+    store.fetch(checkpoint)
+    assert (checkpoint / "model.pt").read_text() == "m"
+    store.fetch(store.local / "trial_c" / "checkpoint_000000")  # not there either: nothing happens
     assert (store.local / "tensorboard" / "t1" / "events").read_text() == "new"  # the driver's: kept
     store.reset()
     assert not store.local.exists() and store.exists()  # the mirror only
