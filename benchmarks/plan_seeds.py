@@ -5,6 +5,7 @@ on both halves of the CIFAR-10 test set (half A: what the search optimised; half
 
     python benchmarks/plan_seeds.py --budget 3 --sampler tpe --search-seed 0 --top 3 --seeds 0 1 2
     python benchmarks/plan_seeds.py --budget 3 --iters 200 --seeds 0 1    # longer reconstructions
+    python benchmarks/plan_seeds.py --budget 3 --top 1 --seeds 0 1 2 3 --uniform 4 8   # + references
 
 The campaign must exist under --storage (run `search_mixed_precision.py` with the same flags first).
 Last line: one JSON object.

@@ -23,6 +23,7 @@ from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import ModelBundle
 from dfq_search.search.space import Samples
 
+Log = Callable[[str], None]
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out set is a different draw from the calibration set
 
 
@@ -34,10 +35,14 @@ class CampaignSamples:
     origin: str
 
 
-def _direct(bundle: ModelBundle, n: int, seed: int, cfg: Samples, device) -> Tensor:
+def _direct(bundle: ModelBundle, n: int, seed: int, cfg: Samples, device, log: Log, what: str) -> Tensor:
     from dfq_search.synth.direct import synthesize_images
 
-    pre = bundle.preprocess
+    pre, start = bundle.preprocess, time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        log(f"  {what}: {done}/{total} images ({time.perf_counter() - start:.0f} s)")
+
     images, _ = synthesize_images(
         bundle.model,
         pre.shape,
@@ -47,6 +52,7 @@ def _direct(bundle: ModelBundle, n: int, seed: int, cfg: Samples, device) -> Ten
         seed=seed,
         device=device,
         preprocess=pre,
+        progress=progress,
     )
     return images
 
@@ -90,8 +96,8 @@ def campaign_samples(
     start = time.perf_counter()
     log(f"synthesizing {cfg.calibration} + {cfg.heldout} samples ({cfg.source}) ...")
     if cfg.source == "direct":
-        calib = _direct(bundle, cfg.calibration, cfg.seed, cfg, device)
-        heldout = _direct(bundle, cfg.heldout, cfg.seed + HELDOUT_SEED_OFFSET, cfg, device)
+        calib = _direct(bundle, cfg.calibration, cfg.seed, cfg, device, log, "calibration")
+        heldout = _direct(bundle, cfg.heldout, cfg.seed + HELDOUT_SEED_OFFSET, cfg, device, log, "held-out")
     else:
         calib = _gaussian(bundle, cfg.calibration, cfg.seed)
         heldout = _gaussian(bundle, cfg.heldout, cfg.seed + HELDOUT_SEED_OFFSET)

@@ -18,10 +18,12 @@ FAST = {"iterations": 30, "batch_size": 8}
 def test_shapes_labels_and_bn_matching(tiny) -> None:
     model, prep = tiny
     history: list[dict[str, float]] = []
-    x, y = synthesize_images(model, prep.shape, 10, 12, seed=1, history=history, preprocess=prep, **FAST)
+    progress: list[tuple[int, int]] = []
+    x, y = synthesize_images(model, prep.shape, 10, 12, seed=1, history=history, preprocess=prep,
+                             progress=lambda done, total: progress.append((done, total)), **FAST)  # fmt: skip
     assert x.shape == (12, *prep.shape) and x.dtype == torch.float32 and x.device.type == "cpu"
     assert y.shape == (12,) and y.dtype == torch.int64 and y.min() >= 0 and y.max() < 10
-    assert len(history) == 2  # batches of 8 and 4
+    assert len(history) == 2 and progress == [(8, 12), (12, 12)]  # batches of 8 and 4
     with torch.no_grad(), bn_statistics(model) as stats:
         model(torch.randn(8, *prep.shape))
         noise = bn_loss(stats).item()
