@@ -79,7 +79,7 @@ def _add_campaign_parsers(sub) -> None:
     run.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
     run.add_argument("--storage", default="runs", help="where campaigns live: a folder (default runs/) "
                      "or a URI every node reaches, e.g. s3://bucket/prefix")  # fmt: skip
-    run.add_argument("--name", help="campaign name (default: <model>-<space>)")
+    run.add_argument("--name", help="campaign name (default: <model>-<space>-<hash of the settings>)")
     run.add_argument("--resume", action="store_true", help="continue the campaign of that name")
     run.add_argument("--address", help="Ray cluster address ('auto' on a cluster; default: a local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
