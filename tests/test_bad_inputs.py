@@ -180,9 +180,9 @@ def _c_space_impossible_budget(t):
     return Case(_run(t, p), ("impossible budget", "max_size_kib: 0.01"), [p])
 
 
-def _c_space_two_budgets(t):
-    p = _space(t, _set("budget", {"max_size_kib": 4, "mean_weight_bits": 3}))
-    return Case(_run(t, p), ("budget", "max_size_kib", "mean_weight_bits"), [p])
+def _c_space_second_budget_impossible(t):
+    p = _space(t, _set("budget", {"max_size_kib": 4, "max_mbops": 0.001}))
+    return Case(_run(t, p), ("impossible budget", "budget.max_mbops: 0.001", "raise the budget"), [p])
 
 
 def _c_space_missing_layer(t):

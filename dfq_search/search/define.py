@@ -7,7 +7,8 @@ constants, the effective ``plan`` (after the budget repair), its ``cost`` and ``
 
 Budget repair: a sampled plan over the budget has the bits of one layer at a time lowered to its next
 choice, the move with the least sensitivity increase per bit saved first (ZeroQ's Ω when known, else
-the largest saving), until it fits. The plan is then a deterministic function of the sampled
+the largest saving), until it fits; with several limits, the first one exceeded picks what a move
+saves (weight bits, or BOPs for a BOPs limit). The plan is then a deterministic function of the sampled
 parameters, which is what TPE models. With ``repair: false`` an over-budget plan is reported
 infeasible without any compute, and Optuna's constraint API steers the sampler away from it.
 """
@@ -93,6 +94,9 @@ def layer_choices(space: SearchSpace, layers: Sequence[LayerInfo]) -> list[Layer
     return out
 
 
+LIMIT_KEYS = {"mean_weight_bits": "mean_weight_bits", "max_size_kib": "size_kib", "max_mbops": "mbops"}
+
+
 class PlanSpace:
     """Layer choices + budget for one model: plans from parameters, costs, repair, warm starts."""
 
@@ -103,7 +107,10 @@ class PlanSpace:
         self.layers = list(layers)
         self.choices = layer_choices(space, layers)
         self.sensitivity = {k: dict(v) for k, v in (sensitivity or {}).items()}
-        self.uniform_limit = self._uniform_limit()
+        self._limits = self.limits()
+        self.uniform_limit = next(
+            (v for k, (_, v) in self._limits.items() if k.startswith("uniform_")), 0.0
+        )  # the size (KiB) or BOPs (M) of the uniform plan a uniform_* limit names
         self._check_reachable()
 
     def cost(self, bits: Mapping[str, LayerBits]) -> dict[str, float]:
@@ -116,31 +123,46 @@ class PlanSpace:
             "mean_weight_bits": sum(x.size_bits for x in quantized) / max(params, 1),
         }
 
+    def limits(self) -> dict[str, tuple[str, float]]:
+        """Each limit of the budget: its cost key and its value (a uniform_* limit: that plan's cost)."""
+        b, out = self.budget, {}
+        for kind in b.kinds:
+            if kind == "uniform_weight_bits":
+                out[kind] = ("size_kib", self.cost(self.uniform(b.uniform_weight_bits, 8))["size_kib"])
+            elif kind == "uniform_bops":
+                from dfq_search.quant.plan import parse_bits
+
+                bits = parse_bits(b.uniform_bops)
+                out[kind] = ("mbops", self.cost(self.uniform(bits.w, bits.a))["mbops"])
+            else:
+                key = {
+                    "mean_weight_bits": "mean_weight_bits",
+                    "max_size_kib": "size_kib",
+                    "max_mbops": "mbops",
+                }
+                out[kind] = (key[kind], float(getattr(b, kind)))
+        return out
+
+    def excesses(self, cost: Mapping[str, float]) -> list[float]:
+        """How far over each limit (<= 0 within it), in that limit's unit."""
+        return [cost[key] - limit for key, limit in self._limits.values()]
+
     def excess(self, cost: Mapping[str, float]) -> float:
-        """How far over the budget (<= 0 within it), in the budget's unit."""
-        kind = self.budget.kind
-        if kind is None:
-            return 0.0
-        if kind == "uniform_weight_bits":
-            return cost["size_kib"] - self.uniform_limit
-        if kind == "uniform_bops":
-            return cost["mbops"] - self.uniform_limit
-        used = {"mean_weight_bits": "mean_weight_bits", "max_size_kib": "size_kib", "max_mbops": "mbops"}[
-            kind
-        ]
-        return cost[used] - getattr(self.budget, kind)
+        """How far over the budget (<= 0 within every limit): the largest of ``excesses``."""
+        return max(self.excesses(cost), default=0.0)
 
     def _check_reachable(self) -> None:
         least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
-        if self.excess(self.cost(least)) > 1e-9:
-            kind = self.budget.kind
-            cost = ", ".join(f"{k} {v:.4g}" for k, v in self.cost(least).items())
-            raise DfqError(
-                "impossible budget: even the smallest plan exceeds it",
-                f"budget.{kind}: {getattr(self.budget, kind)}",
-                f"the lowest bits of every layer cost {cost}",
-                "raise the budget or allow fewer bits",
-            )
+        cost = self.cost(least)
+        for kind, over in zip(self._limits, self.excesses(cost), strict=True):
+            if over > 1e-9:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in cost.items())
+                raise DfqError(
+                    "impossible budget: even the smallest plan exceeds it",
+                    f"budget.{kind}: {getattr(self.budget, kind)}",
+                    f"the lowest bits of every layer cost {shown}",
+                    "raise the budget or allow fewer bits",
+                )
 
     def bits_from_params(self, params: Mapping[str, Any]) -> dict[str, LayerBits]:
         return {
@@ -151,9 +173,10 @@ class PlanSpace:
             for c in self.choices
         }
 
-    def _moves(self, bits: dict[str, LayerBits]) -> list[tuple[float, str, LayerBits]]:
+    def _moves(self, bits: dict[str, LayerBits], bops: bool) -> list[tuple[float, str, LayerBits]]:
+        """Every one-step lowering of a layer's bits, least harm per bit saved first (``bops``: saved
+        BOPs, activations included; else saved weight bits)."""
         info = {i.name: i for i in self.layers}
-        bops = self.budget.kind in ("max_mbops", "uniform_bops")
         moves = []
         for c in self.choices:
             b = bits[c.name]
@@ -174,13 +197,18 @@ class PlanSpace:
     def repair(self, bits: Mapping[str, LayerBits]) -> dict[str, LayerBits]:
         """Lower bits, least harm per bit saved first, until the plan fits the budget."""
         bits = dict(bits)
-        while self.excess(self.cost(bits)) > 1e-9:
-            moves = self._moves(bits)
+        while (over := self._first_over(bits)) is not None:
+            moves = self._moves(bits, bops=over == "mbops")
             if not moves:
                 break
             _, name, new = moves[0]
             bits[name] = new
         return bits
+
+    def _first_over(self, bits: Mapping[str, LayerBits]) -> str | None:
+        """The cost key of the first limit ``bits`` exceed (None: it fits)."""
+        over = zip(self._limits.values(), self.excesses(self.cost(bits)), strict=True)
+        return next((key for (key, _), x in over if x > 1e-9), None)
 
     def evaluate(self, params: Mapping[str, Any]) -> tuple[BitPlan, dict[str, float], bool]:
         """The effective plan of sampled ``params``, its cost and whether it fits the budget."""
@@ -190,17 +218,6 @@ class PlanSpace:
         cost = self.cost(bits)
         plan = BitPlan({n: {"w": b.w, "a": b.a} for n, b in bits.items()})
         return plan, cost, self.excess(cost) <= 1e-9
-
-    def _uniform_limit(self) -> float:
-        """The size (KiB) or BOPs (M) of the uniform plan a ``uniform_*`` budget names (else 0)."""
-        from dfq_search.quant.plan import parse_bits
-
-        if self.budget.uniform_weight_bits:
-            return self.cost(self.uniform(self.budget.uniform_weight_bits, 8))["size_kib"]
-        if self.budget.uniform_bops:
-            bits = parse_bits(self.budget.uniform_bops)
-            return self.cost(self.uniform(bits.w, bits.a))["mbops"]
-        return 0.0
 
     def uniform(self, w: int, a: int) -> dict[str, LayerBits]:
         """Every layer at its choice nearest to ``w``/``a`` bits (budget not checked)."""
@@ -258,11 +275,11 @@ class SpaceFunction:
 
 
 class BudgetConstraint:
-    """Optuna's ``constraints_func``: the budget excess of a finished trial's plan (<= 0 feasible)."""
+    """Optuna's ``constraints_func``: a finished trial's plan's excess over each limit (<= 0 feasible)."""
 
     def __init__(self, plans: PlanSpace) -> None:
         self.plans = plans
 
     def __call__(self, frozen_trial: Any) -> list[float]:
         _, cost, _ = self.plans.evaluate(frozen_trial.params)
-        return [self.plans.excess(cost)]
+        return self.plans.excesses(cost) or [0.0]

@@ -7,7 +7,8 @@ for all the keys with comments):
     bits:      per-layer choices: weight: {rule: [bits...]}, activation: {rule: [bits...]}; a rule is a
                layer name, 're:<pattern>', '_first_last' (the layers reading the image and the last
                one) or '_default'
-    budget:    one of mean_weight_bits, max_size_kib, max_mbops; repair (lower bits until it fits)
+    budget:    any of uniform_weight_bits, uniform_bops, mean_weight_bits, max_size_kib, max_mbops (a
+               plan fits all of them); repair (lower bits until it fits)
     method:    kind (ptq, qat, ptq+qat), ptq: {...knobs}, qat: {...knobs}
     samples:   where calibration and held-out samples come from
     objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl), reports
@@ -93,7 +94,8 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Budget:
-    """At most one limit; ``repair`` lowers a sampled plan's bits until it fits (else it is refused).
+    """Any of these limits (a plan must fit every one given, e.g. a size and a BOPs limit together);
+    ``repair`` lowers a sampled plan's bits until it fits (else it is refused).
 
     uniform_weight_bits: the weight size of the uniform plan at these bits (every layer at its choice
         nearest to them, e.g. pinned first/last layers at 8): "as small as uniform 3-bit".
@@ -109,8 +111,14 @@ class Budget:
     repair: bool = True
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The limits given, in the order of ``BUDGETS``."""
+        return tuple(k for k in BUDGETS if getattr(self, k) is not None)
+
+    @property
     def kind(self) -> str | None:
-        return next((k for k in BUDGETS if getattr(self, k) is not None), None)
+        """The first limit given (None: no budget)."""
+        return next(iter(self.kinds), None)
 
 
 @dataclass(frozen=True)
@@ -214,9 +222,6 @@ def _uniform_bits(text: Any) -> str:
 
 
 def _budget(section: dict) -> Budget:
-    limits = [k for k in BUDGETS if section.get(k) is not None]
-    if len(limits) > 1:
-        raise DfqError("search space budget", limits, f"at most one of {BUDGETS}", "keep one limit")
     checks = {k: number(f"budget.{k}", 1e-9, 1e12) for k in BUDGETS}
     checks["uniform_weight_bits"] = one_of("budget.uniform_weight_bits", ALLOWED_BITS)
     checks["uniform_bops"] = _uniform_bits

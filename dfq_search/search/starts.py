@@ -50,26 +50,24 @@ def warm_starts(
 
 
 def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:
-    """ZeroQ's exact DP over the weight choices under a size budget (activations at their highest)."""
+    """ZeroQ's exact DP over the weight choices under the budget's tightest size limit (activations at
+    their highest), then repaired to fit its other limits (a BOPs limit); None without a size limit."""
     from dfq_search.ptq.sensitivity import allocate_bits
 
-    kind = plans.budget.kind
-    if not plans.sensitivity or kind in (None, "max_mbops", "uniform_bops"):
-        return None
     params = {i.name: i.params for i in plans.layers}
     total = sum(params[c.name] for c in plans.choices)
     float_bits = FLOAT_BITS * (sum(params.values()) - total)  # layers left in float count in the size
-    limit_bits = {
-        "uniform_weight_bits": plans.uniform_limit * 8192 - float_bits,
-        "max_size_kib": (plans.budget.max_size_kib or 0) * 8192 - float_bits,
-        "mean_weight_bits": (plans.budget.mean_weight_bits or 0) * total,
-    }[kind]
+    size_bits = {"size_kib": lambda v: v * 8192 - float_bits, "mean_weight_bits": lambda v: v * total}
+    limits = [size_bits[key](v) for key, v in plans.limits().values() if key in size_bits]
+    if not plans.sensitivity or not limits:
+        return None
     sens = {c.name: {w: plans.sensitivity.get(c.name, {}).get(w, 0.0) for w in c.w} for c in plans.choices}
     try:
-        chosen = allocate_bits(sens, params, limit_bits + 1e-6)
+        chosen = allocate_bits(sens, params, min(limits) + 1e-6)
     except DfqError:
         return None
-    return {c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices}
+    bits = plans.repair({c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices})
+    return bits if plans.excess(plans.cost(bits)) <= 1e-9 else None
 
 
 def warm_start_points(plans: PlanSpace, starts: dict[str, dict[str, LayerBits]]) -> list[dict[str, Any]]:

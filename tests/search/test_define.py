@@ -131,10 +131,11 @@ BUDGETS = [
     {"max_mbops": 50.0},
     {"uniform_bops": "W3A4"},
     {"uniform_weight_bits": 3},
+    {"uniform_weight_bits": 3, "uniform_bops": "W3A4"},  # both: the size and the BOPs of W3A4
 ]
 
 
-@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: next(iter(b)))
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: "+".join(b))
 def test_repair_fits_the_budget_and_only_lowers_bits(budget, layers_of):
     space = _space(
         {"_first_last": [8], "_default": [2, 3, 4, 8]},
@@ -155,6 +156,42 @@ def test_repair_fits_the_budget_and_only_lowers_bits(budget, layers_of):
             assert fixed == bits  # a fitting plan is left alone
         lowered += fixed != bits
     assert lowered > 0, "the budget never binds: the test checks nothing"
+
+
+def test_a_size_and_a_bops_limit_together(layers_of):
+    from dfq_search.search.starts import dp_plan
+
+    weight, act = {"_first_last": [8], "_default": [2, 3, 4, 8]}, {"_first_last": [8], "_default": [2, 4, 8]}
+    size_only = PlanSpace(_space(weight, act, budget={"uniform_weight_bits": 3}), layers_of("tiny_mobilenet"))
+    plans = PlanSpace(
+        _space(weight, act, budget={"uniform_weight_bits": 3, "uniform_bops": "W3A4"}),
+        layers_of("tiny_mobilenet"),
+    )
+    uniform = plans.uniform(3, 4)
+    assert plans.excesses(plans.cost(uniform)) == pytest.approx([0.0, 0.0], abs=1e-9)  # W3A4 fits exactly
+    a8 = plans.uniform(3, 8)  # the same size, twice the BOPs: only the second limit is exceeded
+    over = plans.excesses(plans.cost(a8))
+    assert (
+        over[0] == pytest.approx(0.0, abs=1e-9) and over[1] > 0 and size_only.excess(size_only.cost(a8)) <= 0
+    )
+    fixed = plans.repair(a8)
+    assert plans.excess(plans.cost(fixed)) <= 1e-9 and any(fixed[n].a < 8 for n in fixed)
+    dists = {f"a:{c.name}": CategoricalDistribution(list(c.a)) for c in plans.choices if len(c.a) > 1}
+    params = {f"a:{c.name}": 8 for c in plans.choices if len(c.a) > 1} | plans.params_of(a8)
+    strict = PlanSpace(
+        _space(weight, act, budget={"uniform_weight_bits": 3, "uniform_bops": "W3A4", "repair": False}),
+        layers_of("tiny_mobilenet"),
+    )
+    dists |= {k: CategoricalDistribution([2, 3, 4, 8]) for k in params if k.startswith("w:")}
+    size_x, bops_x = BudgetConstraint(strict)(
+        optuna.trial.create_trial(params=params, distributions=dists, value=0)
+    )
+    assert size_x == pytest.approx(0.0, abs=1e-9) and bops_x == pytest.approx(over[1])
+    sens = {c.name: {w: 1.0 / w for w in c.w} for c in plans.choices}
+    dp = dp_plan(PlanSpace(plans.space, plans.layers, sens))
+    assert dp is not None and plans.excess(plans.cost(dp)) <= 1e-9
+    with pytest.raises(DfqError, match="budget.max_mbops: 0.001"):
+        PlanSpace(_space(weight, act, budget={"uniform_weight_bits": 3, "max_mbops": 0.001}), plans.layers)
 
 
 def _order_space(repair=True):
