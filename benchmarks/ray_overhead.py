@@ -85,7 +85,7 @@ def under_tune(space, plans, ctx, storage: Path, name: str) -> tuple[float, floa
     from dfq_search.distributed.tune import TuneSetup, run_tuner
     from dfq_search.search.define import SpaceFunction
 
-    s = TuneSetup(SpaceFunction(plans), None, [], ctx, 1, "random", 0, 1, "pareto", 3, 1.0, 0.0, 0, None, [])
+    s = TuneSetup(SpaceFunction(plans), [], ctx, 1, "random", 0, 1, "pareto", 3, 1.0, 0.0, 0, None, [])
     start = time.perf_counter()
     grid = run_tuner(s, str(storage), name, resume=False)
     fit = time.perf_counter() - start

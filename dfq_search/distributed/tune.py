@@ -27,17 +27,12 @@ from ray.tune.search.optuna import OptunaSearch
 from dfq_search.distributed.session import trial_device
 from dfq_search.search.trial import TrialContext, run_trial
 
-SAMPLERS_WITH_CONSTRAINTS = ("tpe", "nsga2", "gp")
 
-
-def make_sampler(
-    name: str, seed: int, constraints: Callable | None, multi: bool
-) -> optuna.samplers.BaseSampler:
-    """An Optuna sampler by name, seeded; the budget constraint where the sampler supports one."""
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """An Optuna sampler by name, seeded (budget constraints reach it through the trials, set by the
+    space function: TPE, NSGA-II and GP use them)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any] = {"seed": seed}
-    if constraints is not None and name in SAMPLERS_WITH_CONSTRAINTS:
-        kwargs["constraints_func"] = constraints
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, group=False, n_startup_trials=8, **kwargs)
     if name == "nsga2":
@@ -67,7 +62,6 @@ class TuneSetup:
     """Everything a campaign hands to Tune."""
 
     space_fn: Callable
-    constraint: Callable | None
     points: list[dict[str, Any]]
     ctx: TrialContext
     trials: int
@@ -87,7 +81,7 @@ class TuneSetup:
 def _searcher(s: TuneSetup) -> Any:
     multi = s.mode == "pareto"
     metric, mode = (["score", "size_kib"], ["max", "min"]) if multi else ("score", "max")
-    sampler = make_sampler(s.sampler, s.seed, s.constraint, multi)
+    sampler = make_sampler(s.sampler, s.seed)
     search = OptunaSearch(
         space=s.space_fn, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=s.points or None
     )

@@ -27,7 +27,7 @@ import torch
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle, create_model
 from dfq_search.quant import LayerBits, trace_layers
-from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction
+from dfq_search.search.define import PlanSpace, SpaceFunction
 from dfq_search.search.objective import FidelityScorer, LabelledScorer
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
 from dfq_search.search.samples import CampaignSamples, campaign_samples
@@ -326,7 +326,6 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())
     setup = TuneSetup(
         SpaceFunction(prep.plans, seed=s.samples.seed),
-        None if s.budget.repair else BudgetConstraint(prep.plans),
         warm_start_points(prep.plans, prep.starts),
         prep.ctx,
         search.trials,

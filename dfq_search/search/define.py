@@ -10,7 +10,8 @@ choice, the move with the least sensitivity increase per bit saved first (ZeroQ'
 the largest saving), until it fits; with several limits, the first one exceeded picks what a move
 saves (weight bits, or BOPs for a BOPs limit). The plan is then a deterministic function of the sampled
 parameters, which is what TPE models. With ``repair: false`` an over-budget plan is reported
-infeasible without any compute, and Optuna's constraint API steers the sampler away from it.
+infeasible without any compute, and its excess over each limit goes to Optuna as a constraint
+(``Trial.set_constraint``) that steers the sampler away from such plans.
 """
 
 from __future__ import annotations
@@ -271,15 +272,7 @@ class SpaceFunction:
             if knob.fixed:
                 constants[knob.name] = value
         plan, cost, feasible = self.plans.evaluate(params)
+        if not self.plans.budget.repair:  # Optuna's constraints (TPE, NSGA-II, GP steer away from > 0)
+            for kind, over in zip(self.plans.limits(), self.plans.excesses(cost), strict=True):
+                trial.set_constraint(kind, over)
         return {**constants, "plan": plan.to_dict(), "cost": cost, "feasible": feasible, "seed": self.seed}
-
-
-class BudgetConstraint:
-    """Optuna's ``constraints_func``: a finished trial's plan's excess over each limit (<= 0 feasible)."""
-
-    def __init__(self, plans: PlanSpace) -> None:
-        self.plans = plans
-
-    def __call__(self, frozen_trial: Any) -> list[float]:
-        _, cost, _ = self.plans.evaluate(frozen_trial.params)
-        return self.plans.excesses(cost) or [0.0]

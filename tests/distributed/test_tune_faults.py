@@ -66,7 +66,7 @@ def test_failed_and_nan_trials_are_recorded_and_the_campaign_goes_on(ray_session
     a4 = {**low, PROBE: LayerBits(4, 4)}  # probe activations at 4 bits: raises
     ok = {**low, PROBE: LayerBits(4, 8)}
     points = [plans.params_of(b) for b in (low, a4, ok)]
-    setup = TuneSetup(SpaceFunction(plans), None, points, ctx, 3, "random", 0, 2, "pareto", 2, 1.0, 0.0,
+    setup = TuneSetup(SpaceFunction(plans), points, ctx, 3, "random", 0, 2, "pareto", 2, 1.0, 0.0,
                       1, None, [])  # fmt: skip
     grid = run_tuner(setup, str(tmp_path), "faults", resume=False)
     rows = {r["plan"]: r for r in result_rows(grid, 2)}

@@ -8,12 +8,11 @@ import random
 import optuna
 import pytest
 import torch
-from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 from dfq_search.errors import DfqError
 from dfq_search.quant import LayerBits, trace_layers
-from dfq_search.search.define import BudgetConstraint, PlanSpace, SpaceFunction, layer_choices
+from dfq_search.search.define import PlanSpace, SpaceFunction, layer_choices
 from dfq_search.search.space import parse_space
 
 TINY_CNN_PARAMS = {"features.0.0": 216, "features.1.0": 1152, "features.2.0": 4608, "head.2": 320}
@@ -176,17 +175,12 @@ def test_a_size_and_a_bops_limit_together(layers_of):
     )
     fixed = plans.repair(a8)
     assert plans.excess(plans.cost(fixed)) <= 1e-9 and any(fixed[n].a < 8 for n in fixed)
-    dists = {f"a:{c.name}": CategoricalDistribution(list(c.a)) for c in plans.choices if len(c.a) > 1}
-    params = {f"a:{c.name}": 8 for c in plans.choices if len(c.a) > 1} | plans.params_of(a8)
     strict = PlanSpace(
         _space(weight, act, budget={"uniform_weight_bits": 3, "uniform_bops": "W3A4", "repair": False}),
         layers_of("tiny_mobilenet"),
     )
-    dists |= {k: CategoricalDistribution([2, 3, 4, 8]) for k in params if k.startswith("w:")}
-    size_x, bops_x = BudgetConstraint(strict)(
-        optuna.trial.create_trial(params=params, distributions=dists, value=0)
-    )
-    assert size_x == pytest.approx(0.0, abs=1e-9) and bops_x == pytest.approx(over[1])
+    told = _constraints(strict, plans.params_of(a8))
+    assert told == pytest.approx({"uniform_weight_bits": 0.0, "uniform_bops": over[1]}, abs=1e-9)
     sens = {c.name: {w: 1.0 / w for w in c.w} for c in plans.choices}
     dp = dp_plan(PlanSpace(plans.space, plans.layers, sens))
     assert dp is not None and plans.excess(plans.cost(dp)) <= 1e-9
@@ -224,15 +218,22 @@ def test_repair_false_reports_infeasible_and_the_constraint_steers(layers_of):
     assert not feasible and plan.to_dict()["features.2.0"] == {"w": 8, "a": 8}
     assert cost["size_kib"] == pytest.approx(_kib({n: 8 for n in TINY_CNN_PARAMS}))
     assert plans.evaluate(fits)[2]
-    constraint = pickle.loads(pickle.dumps(BudgetConstraint(plans)))
-    dists = {k: CategoricalDistribution([4, 8]) for k in over}
-    [excess] = constraint(optuna.trial.create_trial(params=over, distributions=dists, value=0.0))
-    assert excess == pytest.approx(0.5)
-    [excess] = constraint(optuna.trial.create_trial(params=fits, distributions=dists, value=0.0))
-    assert excess <= 0
+    assert _constraints(plans, over) == pytest.approx({"max_size_kib": 0.5})
+    assert _constraints(plans, fits)["max_size_kib"] <= 0
     repaired = PlanSpace(_order_space(repair=True), layers_of("tiny_cnn"))
     plan, _, feasible = repaired.evaluate(over)
     assert feasible and plan.to_dict()["features.2.0"]["w"] == 4
+    assert _constraints(repaired, over) == {}  # repaired plans always fit: no constraint to steer by
+
+
+def _constraints(plans: PlanSpace, params: dict) -> dict[str, float]:
+    """The constraints the (pickled) space function gives Optuna for a trial of ``params``."""
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(params)
+    trial = study.ask()
+    pickle.loads(pickle.dumps(SpaceFunction(plans)))(trial)
+    study.tell(trial, 0.0)
+    return study.trials[-1].constraints
 
 
 def test_uniform_weight_bits_budget_is_the_size_of_that_uniform_plan(layers_of):
