@@ -4,13 +4,16 @@ and how well the label-free objective ranks plans (Kendall τ against real accur
 
 The campaign optimises top-1 on one half of the 10,000 CIFAR-10 test images (even indices: half A);
 every accuracy reported here is on the other half (odd indices: half B), never seen by the search.
-Budgets: the weight size of uniform b-bit weights (first/last layers at 8 bits, activations at 4).
+Budgets: the weight size of uniform b-bit weights (first/last layers at 8 bits, activations at 4);
+with --bops also its BOPs, so that activation bits can be searched (--act-choices) at the same size and
+compute as uniform WbA4.
 The uniform and DP plans run as the campaign's first (warm-start) trials, with the same settings
 (samples, reconstruction) as every searched plan. Campaigns live under --storage and are reused
 when rerun, so the table can be built over several runs (rows, budgets, samplers, seeds by flags):
 
     python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe random --trials 24
     python benchmarks/search_mixed_precision.py --budgets 4 --samplers tpe
+    python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe --bops --act-choices 3 4 5 6 8
 
 Last line: one JSON object.
 """
@@ -41,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modcap-k", type=int, default=0, help="fixed ModCap k of every plan (0: BRECQ)")
     p.add_argument("--weight-choices", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8],
                    help="weight bits a layer may take (first/last layers stay at 8)")  # fmt: skip
+    acts = "activation bits a layer may take (first/last at 8); other than 4 needs --bops"
+    p.add_argument("--act-choices", type=int, nargs="+", default=[4], help=acts)
+    bops = "also limit the BOPs to those of uniform W<budget>A4 (the same size and compute)"
+    p.add_argument("--bops", action="store_true", help=bops)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--reports", type=int, default=None,
                    help="reports per trial (the fidelities ASHA can stop a trial at; 1: no early stopping); "
@@ -70,7 +77,10 @@ def space_for(args, budget: int, sampler: str, seed: int):
 
     raw = yaml.safe_load((SPACE_DIR / "cifar_resnet20.yaml").read_text())
     raw["budget"] = {"uniform_weight_bits": budget, "repair": True}
+    if args.bops:
+        raw["budget"]["uniform_bops"] = f"W{budget}A4"
     raw["bits"]["weight"]["_default"] = list(args.weight_choices)
+    raw["bits"]["activation"]["_default"] = list(args.act_choices)
     raw["method"] = {"kind": "ptq", "ptq": {**raw["method"]["ptq"], "modcap_k": args.modcap_k,
                                             "capacity": "data", "iters": args.iters}}  # fmt: skip
     raw["samples"]["calibration"] = args.calibration
@@ -156,7 +166,8 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
     uniform, dp = u_row.get("test_top1"), dp_row.get("test_top1")
     best = result.best or {}
     top_trial = best_trial(result.rows) or {}  # the highest single score (what an unrefined campaign ships)
-    row = {"budget": f"w{budget}", "sampler": sampler, "seed": seed, "trials": len(result.rows),
+    row = {"budget": f"w{budget}{'+bops' if args.bops else ''}", "sampler": sampler, "seed": seed,
+           "trials": len(result.rows),
            "complete": len(candidates(result.rows)), "uniform_top1_B": uniform, "dp_top1_B": dp,
            "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
            "best_size_kib": best.get("size_kib"), "best_refined_mean_A": best.get("refined_mean"),
@@ -195,6 +206,11 @@ def _score_all_on_half_b(result, bundle, half_b) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.act_choices != [4] and not args.bops:
+        sys.exit(
+            "--act-choices other than 4 needs --bops: without a BOPs limit every plan would take "
+            "the highest activation bits for free, and the uniform plan would not be W<budget>A4"
+        )
     import torch
 
     torch.set_num_threads(1)
