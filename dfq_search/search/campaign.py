@@ -30,6 +30,7 @@ from dfq_search.quant import LayerBits, trace_layers
 from dfq_search.search.define import PlanSpace, SpaceFunction
 from dfq_search.search.objective import FidelityScorer, LabelledScorer
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
+from dfq_search.search.resume import check_resumed
 from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
@@ -311,7 +312,8 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     opts, run_dir = replace(opts, resume=resume), store.local
     fresh = not run_dir.exists()
     check_storage(run_dir, opts.resume)
-    _check_resumed(run_dir, opts)
+    if opts.resume:
+        check_resumed(run_dir / "campaign.json", opts.space, _search_of(opts))
     try:
         prep = prepare(opts, run_dir, log, store.location("bank"))
     except DfqError:
@@ -364,40 +366,6 @@ def _search_of(opts: CampaignOptions) -> Search:
     """The space's search settings with the command line's on top."""
     flags = {"trials": opts.trials, "concurrency": opts.concurrency, "sampler": opts.sampler}
     return replace(opts.space.search, **{k: v for k, v in flags.items() if v is not None})
-
-
-RESUME_FIXED = ("trials", "sampler", "seed", "concurrency")  # Tune restores these from the campaign
-RESUME_FREE = ("search", "resources", "source")  # besides RESUME_FIXED, these may change on resume
-
-
-def _check_resumed(run_dir: Path, opts: CampaignOptions) -> None:
-    """Refuse to resume with settings Tune would silently keep from the campaign's start (settings a
-    campaign made by an older version did not record are not compared)."""
-    path = run_dir / "campaign.json"
-    if not opts.resume or not path.is_file():
-        return
-    before = json.loads(path.read_text())
-    was = {**before.get("space_resolved", {}), "search": before.get("search", {})}
-    now = json.loads(json.dumps({**asdict(opts.space), "search": asdict(_search_of(opts))}, default=str))
-    keep = {f"search.{k}" for k in RESUME_FIXED}
-    old, new = _leaves(was), _leaves(now)
-    changed = [
-        k for k in new if k in old and old[k] != new[k] and (k in keep or k.split(".")[0] not in RESUME_FREE)
-    ]
-    if changed:
-        raise DfqError(
-            "a resumed campaign cannot change its settings",
-            ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in changed),
-            "the settings the campaign started with (resources and refinement may change)",
-            "resume with the same space and flags, or start another campaign with --name NEW",
-        )
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}".lstrip(".")).items()}
 
 
 def _refine(

@@ -132,32 +132,3 @@ def test_check_storage_refuses_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "MIN_FREE_BYTES", 2**62)
     with pytest.raises(DfqError, match="not enough free disk space"):
         check_storage(tmp_path, resume=False)
-
-
-def _started(tmp_path, opts) -> None:
-    """campaign.json as a campaign started with ``opts`` writes it (its settings as plain JSON)."""
-    import json
-    from dataclasses import asdict
-
-    resolved = json.loads(json.dumps(asdict(opts.space), default=str))
-    search = asdict(campaign._search_of(opts))
-    (tmp_path / "campaign.json").write_text(json.dumps({"search": search, "space_resolved": resolved}))
-
-
-def test_resume_refuses_settings_tune_would_silently_keep(tmp_path):
-    from dataclasses import replace
-
-    opts = campaign.CampaignOptions(load_space("tiny_smoke"), resume=True)
-    _started(tmp_path, opts)
-    campaign._check_resumed(tmp_path, opts)  # the same settings
-    space = opts.space
-    free = replace(
-        space, search=replace(space.search, refine_top=5), resources=replace(space.resources, trial_cpu=2)
-    )
-    campaign._check_resumed(tmp_path, replace(opts, space=free))  # refinement and resources may change
-    with pytest.raises(DfqError, match=r"search.trials: 3 -> 7, search.sampler: tpe -> random"):
-        campaign._check_resumed(tmp_path, replace(opts, trials=7, sampler="random"))
-    other = replace(space, objective=replace(space.objective, reports=1))
-    with pytest.raises(DfqError, match=r"objective.reports: 2 -> 1"):
-        campaign._check_resumed(tmp_path, replace(opts, space=other))
-    campaign._check_resumed(tmp_path, replace(opts, resume=False, trials=7))  # not a resume: not checked
