@@ -93,10 +93,11 @@ class CampaignStore:
         if self.uri is None:
             return
         fs, path = self._fs()
-        probe = f"{path}/.write_probe"
+        parent, _, name = path.rpartition("/")
+        probe = f"{parent}/.write_probe-{name}"  # beside the campaign: a refused run leaves no folder
 
         def write() -> None:
-            fs.create_dir(path, recursive=True)
+            fs.create_dir(parent, recursive=True)
             with fs.open_output_stream(probe) as out:
                 out.write(b"ok")
             fs.delete_file(probe)

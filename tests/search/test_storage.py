@@ -39,7 +39,7 @@ def test_push_sends_only_the_drivers_files_and_pull_keeps_them(tmp_path, cache):
     store = CampaignStore.at(f"file://{tmp_path}/remote", "c1")
     store.check_remote()
     remote = tmp_path / "remote" / "c1"
-    assert remote.is_dir() and not list(remote.iterdir())  # the write probe is gone
+    assert not list((tmp_path / "remote").iterdir())  # the write probe is gone, no campaign folder yet
     store.local.mkdir(parents=True)
     (store.local / "campaign.json").write_text("{}")
     (store.local / "tensorboard" / "t1").mkdir(parents=True)
