@@ -3,7 +3,8 @@ label-free fidelity to P on held-out synthetic samples (never the samples Q was 
 
 Both hold P's outputs, computed once in the driver, and score a fraction of their images during a
 trial (``fraction``; evenly spaced) and all of them when the campaign re-evaluates its candidates.
-``score`` is the value maximised: top-1 (%), agreement with P (%), or −KL(P ‖ Q) in nats.
+``score`` is the value maximised: top-1 (%), agreement with P (%), −KL(P ‖ Q) in nats, or −MSE of the
+logits (Q's against P's, averaged over images and classes).
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def _spaced(n_total: int, n: int) -> Tensor:
     return torch.linspace(0, n_total - 1, n).round().long()
 
 
+LABEL_FREE = ("kl", "agreement", "mse")
+
+
 class FidelityScorer:
-    """Agreement and KL(P ‖ Q) on held-out synthetic images (in P's input space)."""
+    """Agreement, KL(P ‖ Q) and the logits' MSE on held-out synthetic images (in P's input space)."""
 
     def __init__(self, p: nn.Module, images: Tensor, metric: str = "kl", batch_size: int = 256) -> None:
-        if metric not in ("kl", "agreement"):
-            raise DfqError("label-free metric", metric, "kl or agreement", "top1 needs --val-data")
+        if metric not in LABEL_FREE:
+            raise DfqError("label-free metric", metric, f"one of {LABEL_FREE}", "top1 needs --val-data")
         self.images, self.metric, self.batch_size = images.cpu(), metric, batch_size
         self.ref = self._logits(p, self.images, next(p.parameters()).device)
 
@@ -56,9 +60,9 @@ class FidelityScorer:
         ref = self.ref[idx]
         agree = 100.0 * (z.argmax(1) == ref.argmax(1)).float().mean().item()
         kl = F.kl_div(F.log_softmax(z, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-        kl = float(kl)
-        score = agree if self.metric == "agreement" else -kl
-        return {"score": score, "agreement": agree, "kl": kl, "n_scored": len(idx)}
+        out = {"agreement": agree, "kl": float(kl), "mse": float(((z - ref) ** 2).mean())}
+        score = agree if self.metric == "agreement" else -out[self.metric]
+        return {"score": score, **out, "n_scored": len(idx)}
 
 
 class LabelledScorer:

@@ -116,7 +116,9 @@ def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> 
     scores = [x["score"] for x in runs]
     return {
         **row,
-        **{k: chosen.get(k) for k in ("score", "agreement", "top1", "kl", "oscillation", "checkpoint")},
+        **{
+            k: chosen.get(k) for k in ("score", "agreement", "top1", "kl", "mse", "oscillation", "checkpoint")
+        },
         "refined_seed": chosen["seed"],  # None: the trial's own run
         "refined_mean": statistics.fmean(scores),
         "refined_runs": len(scores),

@@ -76,7 +76,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
             "status": _status(m, result.error, reports),
             "kind": config.get("kind"),
             "score": _plain(m.get("score")),
-            **{k: _plain(m.get(k)) for k in ("agreement", "top1", "kl", "oscillation", "fidelity")},
+            **{k: _plain(m.get(k)) for k in ("agreement", "top1", "kl", "mse", "oscillation", "fidelity")},
             **{k: _plain(config.get("cost", {}).get(k)) for k in ("size_kib", "mean_weight_bits", "mbops")},
             "seconds": _plain(m.get("seconds")),
             "wall_s": _plain(m.get("time_total_s")),

@@ -11,7 +11,7 @@ for all the keys with comments):
                plan fits all of them); repair (lower bits until it fits)
     method:    kind (ptq, qat, ptq+qat), ptq: {...knobs}, qat: {...knobs}
     samples:   where calibration and held-out samples come from
-    objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl), reports
+    objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl | mse), reports
     search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds
     resources: trial_cpu, trial_gpu, worker_cpu, worker_gpu
 
@@ -35,7 +35,7 @@ SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search
 KINDS = ("ptq", "qat", "ptq+qat")
 SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp", "cmaes")
 SOURCES = ("direct", "gaussian", "bank", "generator")
-METRICS = ("auto", "top1", "agreement", "kl")
+METRICS = ("auto", "top1", "agreement", "kl", "mse")
 WARM_STARTS = ("uniform", "sensitivity")
 BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
 SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"

@@ -40,6 +40,7 @@ def test_p_itself_is_perfectly_faithful(p_and_images):
     assert r["agreement"] == 100.0 and r["kl"] == pytest.approx(0.0, abs=1e-6)
     assert r["score"] == pytest.approx(-r["kl"]) and r["n_scored"] == 40
     assert FidelityScorer(p, images, "agreement")(p)["score"] == 100.0
+    assert r["mse"] == pytest.approx(0.0, abs=1e-9) and FidelityScorer(p, images, "mse")(p)["score"] == 0.0
 
 
 def test_a_two_bit_copy_scores_lower(p_and_images):
@@ -49,6 +50,9 @@ def test_a_two_bit_copy_scores_lower(p_and_images):
     r = kl_scorer(q)
     assert r["kl"] > 1e-3 and r["score"] < kl_scorer(p)["score"]
     assert r["agreement"] < 100.0 and agree_scorer(q)["score"] == r["agreement"]
+    z, ref = q(images).detach(), p(images).detach()
+    assert r["mse"] == pytest.approx(((z - ref) ** 2).mean().item(), rel=1e-4) and r["mse"] > 0
+    assert FidelityScorer(p, images, "mse")(q)["score"] == pytest.approx(-r["mse"])
     assert math.isfinite(r["score"])
 
 
