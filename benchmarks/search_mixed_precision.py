@@ -125,16 +125,18 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float:
     return (con - dis) / denom if denom else float("nan")
 
 
-def label_free_tau(rows: list[dict], bundle, heldout) -> tuple[float, int]:
-    """τ between −KL(P‖Q) on held-out synthetic images and half-B top-1, over complete trials (one per
-    plan, pooled over the campaigns of this run)."""
+def label_free_tau(rows: list[dict], bundle, heldout) -> tuple[dict[str, float], int]:
+    """τ between each label-free objective on the held-out synthetic images and half-B top-1, over
+    complete trials (one per plan, pooled over the campaigns of this run)."""
     from dfq_search.checkpoint import load_quantized
-    from dfq_search.search.objective import FidelityScorer
+    from dfq_search.search.objective import LABEL_FREE, FidelityScorer
 
-    scorer = FidelityScorer(bundle.model, heldout, "kl")
+    scorer = FidelityScorer(bundle.model, heldout)
     plans = {r["plan"]: r for r in rows if r.get("test_top1") is not None}
-    kl = [scorer(load_quantized(Path(r["checkpoint"]) / "model.pt")[0])["score"] for r in plans.values()]
-    return kendall_tau(kl, [r["test_top1"] for r in plans.values()]), len(plans)
+    scores = [scorer(load_quantized(Path(r["checkpoint"]) / "model.pt")[0]) for r in plans.values()]
+    top1 = [r["test_top1"] for r in plans.values()]
+    signs = {"kl": -1.0, "mse": -1.0, "agreement": 1.0}  # each as maximised
+    return {m: kendall_tau([signs[m] * s[m] for s in scores], top1) for m in LABEL_FREE}, len(plans)
 
 
 def _uniform_dominated(result) -> str:
@@ -224,21 +226,25 @@ def main() -> None:
     runs = [run(args, b, s, seed, bundle, half_a, half_b)
             for b in args.budgets for s in args.samplers for seed in args.seeds]  # fmt: skip
     from dfq_search.report import format_table
+    from dfq_search.search.objective import DEFAULT_LABEL_FREE
     from dfq_search.search.samples import campaign_samples
 
     table = [row for row, _ in runs]
     heldout = campaign_samples(bundle, space_for(args, args.budgets[0], "tpe", 0).samples).heldout
-    tau, n_tau = label_free_tau([r for _, done in runs for r in done], bundle, heldout)
+    taus, n_tau = label_free_tau([r for _, done in runs for r in done], bundle, heldout)
+    tau = taus[DEFAULT_LABEL_FREE]
     print(f"\nFP top-1 on half B: {fp_b:.2f}")
     print(format_table(table))
-    print(f"label-free objective (-KL on held-out synthetic images) vs half-B top-1: Kendall tau {tau:.3f} "
-          f"over {n_tau} plans")  # fmt: skip
+    shown = ", ".join(f"{m} {t:.3f}" for m, t in taus.items())
+    print(f"label-free objectives on held-out synthetic images vs half-B top-1, Kendall tau over {n_tau} "
+          f"plans: {shown} (the default: {DEFAULT_LABEL_FREE})")  # fmt: skip
     emit(
         {
             "model": args.model,
             "fp_top1_B": fp_b,
             "rows": table,
             "kendall_tau_label_free": tau,
+            "kendall_tau_by_metric": taus,
             "tau_plans": n_tau,
             "args": json.loads(json.dumps(vars(args), default=str)),
         }

@@ -28,7 +28,7 @@ from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle, create_model
 from dfq_search.quant import LayerBits, trace_layers
 from dfq_search.search.define import PlanSpace, SpaceFunction
-from dfq_search.search.objective import FidelityScorer, LabelledScorer
+from dfq_search.search.objective import DEFAULT_LABEL_FREE, LABEL_FREE, FidelityScorer, LabelledScorer
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
 from dfq_search.search.resume import check_resumed
 from dfq_search.search.samples import CampaignSamples, campaign_samples
@@ -197,6 +197,19 @@ def _check_modcap(space: SearchSpace, bundle: ModelBundle, example: torch.Tensor
         ) from None
 
 
+def _label_free(space: SearchSpace, run_dir: Path, resume: bool) -> str:
+    """The label-free metric: the space's; for ``auto``, the one a resumed campaign started with (a
+    campaign never changes its objective midway), else ``DEFAULT_LABEL_FREE``."""
+    if space.objective.metric in LABEL_FREE:
+        return space.objective.metric
+    meta = run_dir / "campaign.json"
+    if resume and meta.is_file():
+        started = json.loads(meta.read_text()).get("objective")
+        if started in LABEL_FREE:
+            return started
+    return DEFAULT_LABEL_FREE
+
+
 def _sample_grid(folder: Path, bundle: ModelBundle, calib: torch.Tensor, heldout: torch.Tensor) -> None:
     """The campaign's synthetic samples as TensorBoard image grids (calibration and held-out)."""
     from dfq_search.qat.reporter import TensorBoardReporter
@@ -268,8 +281,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
     if val is not None:
         scorer = LabelledScorer(bundle.model, val, bundle.preprocess)
     else:
-        metric = "kl" if space.objective.metric in ("auto", "top1") else space.objective.metric
-        scorer = FidelityScorer(bundle.model, samples.heldout, metric)
+        scorer = FidelityScorer(bundle.model, samples.heldout, _label_free(space, run_dir, opts.resume))
     ctx = TrialContext(
         bundle.model.cpu(),
         bundle.name,

@@ -147,7 +147,7 @@ class Samples:
 @dataclass(frozen=True)
 class Objective:
     mode: str = "accuracy"  # accuracy under the budget (ASHA), or pareto (accuracy vs size)
-    metric: str = "auto"  # auto: top1 with labelled validation data, else kl
+    metric: str = "auto"  # auto: top1 with labelled validation data, else mse (objective.DEFAULT_LABEL_FREE)
     reports: int = 3  # reports per trial (ASHA's rungs)
     eval_fraction: float = 0.5  # part of the held-out set scored during trials; all of it at the end
 

@@ -132,3 +132,19 @@ def test_check_storage_refuses_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "MIN_FREE_BYTES", 2**62)
     with pytest.raises(DfqError, match="not enough free disk space"):
         check_storage(tmp_path, resume=False)
+
+
+def test_the_label_free_metric_is_the_default_unless_a_resumed_campaign_started_with_another(tmp_path):
+    import json
+    from dataclasses import replace
+
+    from dfq_search.search.objective import DEFAULT_LABEL_FREE
+
+    space = load_space("tiny_smoke")
+    auto = replace(space, objective=replace(space.objective, metric="auto"))
+    assert campaign._label_free(auto, tmp_path, resume=False) == DEFAULT_LABEL_FREE == "mse"
+    (tmp_path / "campaign.json").write_text(json.dumps({"objective": "kl"}))  # started before the default
+    assert campaign._label_free(auto, tmp_path, resume=True) == "kl"
+    assert campaign._label_free(auto, tmp_path, resume=False) == "mse"
+    agree = replace(space, objective=replace(space.objective, metric="agreement"))
+    assert campaign._label_free(agree, tmp_path, resume=True) == "agreement"
