@@ -305,7 +305,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
         "synthesis_s": samples.seconds,
         "budget": asdict(space.budget),
         "uniform_limit_kib": plans.uniform_limit,
-        "limits": {kind: {"cost": key, "limit": v} for kind, (key, v) in plans.limits().items()},
+        "limits": {kind: {"cost": key, "limit": v} for kind, (key, v) in plans.limits.items()},
         "warm_starts": {k: {n: asdict(b) for n, b in v.items()} for k, v in starts.items()},
         "test_data": None
         if test is None

@@ -108,9 +108,9 @@ class PlanSpace:
         self.layers = list(layers)
         self.choices = layer_choices(space, layers)
         self.sensitivity = {k: dict(v) for k, v in (sensitivity or {}).items()}
-        self._limits = self.limits()
+        self.limits = self._compute_limits()
         self.uniform_limit = next(
-            (v for k, (_, v) in self._limits.items() if k.startswith("uniform_")), 0.0
+            (v for k, (_, v) in self.limits.items() if k.startswith("uniform_")), 0.0
         )  # the size (KiB) or BOPs (M) of the uniform plan a uniform_* limit names
         self._check_reachable()
 
@@ -124,7 +124,7 @@ class PlanSpace:
             "mean_weight_bits": sum(x.size_bits for x in quantized) / max(params, 1),
         }
 
-    def limits(self) -> dict[str, tuple[str, float]]:
+    def _compute_limits(self) -> dict[str, tuple[str, float]]:
         """Each limit of the budget: its cost key and its value (a uniform_* limit: that plan's cost)."""
         b, out = self.budget, {}
         for kind in b.kinds:
@@ -136,17 +136,12 @@ class PlanSpace:
                 bits = parse_bits(b.uniform_bops)
                 out[kind] = ("mbops", self.cost(self.uniform(bits.w, bits.a))["mbops"])
             else:
-                key = {
-                    "mean_weight_bits": "mean_weight_bits",
-                    "max_size_kib": "size_kib",
-                    "max_mbops": "mbops",
-                }
-                out[kind] = (key[kind], float(getattr(b, kind)))
+                out[kind] = (LIMIT_KEYS[kind], float(getattr(b, kind)))
         return out
 
     def excesses(self, cost: Mapping[str, float]) -> list[float]:
         """How far over each limit (<= 0 within it), in that limit's unit."""
-        return [cost[key] - limit for key, limit in self._limits.values()]
+        return [cost[key] - limit for key, limit in self.limits.values()]
 
     def excess(self, cost: Mapping[str, float]) -> float:
         """How far over the budget (<= 0 within every limit): the largest of ``excesses``."""
@@ -155,7 +150,7 @@ class PlanSpace:
     def _check_reachable(self) -> None:
         least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
         cost = self.cost(least)
-        for kind, over in zip(self._limits, self.excesses(cost), strict=True):
+        for kind, over in zip(self.limits, self.excesses(cost), strict=True):
             if over > 1e-9:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in cost.items())
                 raise DfqError(
@@ -208,7 +203,7 @@ class PlanSpace:
 
     def _first_over(self, bits: Mapping[str, LayerBits]) -> str | None:
         """The cost key of the first limit ``bits`` exceed (None: it fits)."""
-        over = zip(self._limits.values(), self.excesses(self.cost(bits)), strict=True)
+        over = zip(self.limits.values(), self.excesses(self.cost(bits)), strict=True)
         return next((key for (key, _), x in over if x > 1e-9), None)
 
     def evaluate(self, params: Mapping[str, Any]) -> tuple[BitPlan, dict[str, float], bool]:
@@ -273,6 +268,6 @@ class SpaceFunction:
                 constants[knob.name] = value
         plan, cost, feasible = self.plans.evaluate(params)
         if not self.plans.budget.repair:  # Optuna's constraints (TPE, NSGA-II, GP steer away from > 0)
-            for kind, over in zip(self.plans.limits(), self.plans.excesses(cost), strict=True):
+            for kind, over in zip(self.plans.limits, self.plans.excesses(cost), strict=True):
                 trial.set_constraint(kind, over)
         return {**constants, "plan": plan.to_dict(), "cost": cost, "feasible": feasible, "seed": self.seed}

@@ -58,7 +58,7 @@ def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:
     total = sum(params[c.name] for c in plans.choices)
     float_bits = FLOAT_BITS * (sum(params.values()) - total)  # layers left in float count in the size
     size_bits = {"size_kib": lambda v: v * 8192 - float_bits, "mean_weight_bits": lambda v: v * total}
-    limits = [size_bits[key](v) for key, v in plans.limits().values() if key in size_bits]
+    limits = [size_bits[key](v) for key, v in plans.limits.values() if key in size_bits]
     if not plans.sensitivity or not limits:
         return None
     sens = {c.name: {w: plans.sensitivity.get(c.name, {}).get(w, 0.0) for w in c.w} for c in plans.choices}
