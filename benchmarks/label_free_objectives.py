@@ -69,23 +69,10 @@ def image_sets(args, bundle) -> dict[str, object]:
     return sets
 
 
-def logits(model, images, batch_size: int = 256):
-    import torch
-
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat(
-            [model(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
-        )
-
-
-def fidelity(ref, z) -> dict[str, float]:
-    """−KL(P‖Q), agreement (%) and −MSE of the logits (higher: closer to P)."""
-    import torch.nn.functional as F
-
-    kl = F.kl_div(F.log_softmax(z, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-    agree = 100.0 * (z.argmax(1) == ref.argmax(1)).float().mean().item()
-    return {"kl": -float(kl), "agree": agree, "mse": -float(((z - ref) ** 2).mean())}
+def fidelity(scorer, q) -> dict[str, float]:
+    """−KL(P‖Q), agreement (%) and −MSE of the logits (higher: closer to P), by the campaign's scorer."""
+    r = scorer(q)
+    return {"kl": -r["kl"], "agree": r["agreement"], "mse": -r["mse"]}
 
 
 def main() -> None:
@@ -97,12 +84,13 @@ def main() -> None:
     from dfq_search.data.folder import load_image_folder
     from dfq_search.evaluate import Evaluator
     from dfq_search.models import create_model
+    from dfq_search.search.objective import FidelityScorer
 
     bundle = create_model(args.model, shared(CIFAR_WEIGHTS[args.model]))
     half_a, half_b = halves(load_image_folder(shared(CIFAR_TEST), bundle.preprocess))
     evaluate = {h: Evaluator(d, bundle.preprocess) for h, d in (("A", half_a), ("B", half_b))}
     sets = image_sets(args, bundle)
-    refs = {name: logits(bundle.model, x) for name, x in sets.items()}  # P's logits, once
+    scorers = {name: FidelityScorer(bundle.model, x) for name, x in sets.items()}  # P's logits, once
     models = kept_models(args.storage, args.model)
     if not models:
         sys.exit(f"no kept models under {args.storage}: run search_mixed_precision.py first")
@@ -114,8 +102,8 @@ def main() -> None:
             "model": str(path),
             **{f"top1_{h}": e(q).top1 for h, e in evaluate.items()},
         }
-        for name, ref in refs.items():
-            row |= {f"{k}@{name}": v for k, v in fidelity(ref, logits(q, sets[name])).items()}
+        for name, scorer in scorers.items():
+            row |= {f"{k}@{name}": v for k, v in fidelity(scorer, q).items()}
         rows.append(row)
         print(f"{i + 1}/{len(models)} {campaign} top1_B {row['top1_B']:.2f} "
               f"kl@heldout256 {row['kl@heldout256']:.4f}", flush=True)  # fmt: skip

@@ -87,9 +87,10 @@ def finalize(
     plain = mark_rows(rows, starts)
     marks = {name: with_reruns(r, again) for name, r in plain.items()}  # rerun with the finalists
     shown = {id(r): r for r in [*front, *marks.values(), *([top] if top else [])]}  # refined: copies
-    for r in [*shown.values()] if fetch else []:
-        if r.get("checkpoint"):
-            fetch(Path(r["checkpoint"]))
+    if fetch is not None:
+        for r in shown.values():
+            if r.get("checkpoint"):
+                fetch(Path(r["checkpoint"]))
     if prep is not None and prep.test_data is not None and shown:
         score_on_test(list(shown.values()), prep.test_data, prep.bundle)
     files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}

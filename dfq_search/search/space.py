@@ -112,13 +112,8 @@ class Budget:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """The limits given, in the order of ``BUDGETS``."""
+        """The limits given, in the order of ``BUDGETS`` (empty: no budget)."""
         return tuple(k for k in BUDGETS if getattr(self, k) is not None)
-
-    @property
-    def kind(self) -> str | None:
-        """The first limit given (None: no budget)."""
-        return next(iter(self.kinds), None)
 
 
 @dataclass(frozen=True)

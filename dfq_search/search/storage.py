@@ -15,6 +15,7 @@ import hashlib
 import re
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from dfq_search.cache import cache_dir
@@ -174,10 +175,15 @@ class CampaignStore:
         pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
     def _fs(self):
+        """The URI's file system and path, opened once per store (for s3 opening asks the bucket's region)."""
+        return self._opened
+
+    @cached_property
+    def _opened(self):
         import pyarrow.fs as pafs
 
         try:
-            return pafs.FileSystem.from_uri(self.uri)  # s3: asks the bucket's region
+            return pafs.FileSystem.from_uri(self.uri)
         except OSError as err:
             raise self._unreachable(err) from None
         except ValueError as err:  # ArrowInvalid: an unknown scheme or a malformed URI

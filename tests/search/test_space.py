@@ -69,7 +69,7 @@ def test_modcap_k_larger_than_the_model_allows_is_refused_before_compute():
 
 def test_defaults_and_knob_order():
     space = _space()
-    assert space.budget.kind is None and space.budget.repair
+    assert space.budget.kinds == () and space.budget.repair
     assert space.search.warm_start == ("uniform", "sensitivity")
     names = [k.name for k in space.knobs()]
     assert names == ["kind", *(f"ptq.{k}" for k in PTQ_KNOBS)]  # kind ptq: no qat knob is searched
@@ -177,13 +177,13 @@ def test_lambda_ranges_must_not_overlap():
 
 def test_budget_checks():
     both = _space(budget={"max_size_kib": 3, "mean_weight_bits": 3}).budget
-    assert both.kinds == ("mean_weight_bits", "max_size_kib") and both.kind == "mean_weight_bits"
+    assert both.kinds == ("mean_weight_bits", "max_size_kib")
     _refused(r"budget.uniform_weight_bits: got 7", budget={"uniform_weight_bits": 7})
     _refused(r"got 'W3'; the form WxAy", budget={"uniform_bops": "W3"})
     _refused(r"budget.repair: got 'yes'", budget={"repair": "yes"})
     _refused(r"budget.max_size_kib: got -1", budget={"max_size_kib": -1})
     assert _space(budget={"uniform_bops": "w3a2"}).budget.uniform_bops == "W3A2"
-    assert _space(budget={"max_mbops": 5, "repair": False}).budget.kind == "max_mbops"
+    assert _space(budget={"max_mbops": 5, "repair": False}).budget.kinds == ("max_mbops",)
 
 
 def test_search_and_samples_checks():
