@@ -4,7 +4,7 @@
 (model in eval mode, its ``Preprocess``, name and number of classes); ``list_models()`` the names.
 """
 
-from dfq_search.models import cifar_resnet, digits, tiny, torchvision_models  # noqa: F401 (register)
+from dfq_search.models import cifar_resnet, digits, panel, tiny, torchvision_models  # noqa: F401 (register)
 from dfq_search.models.base import ModelBundle, Preprocess
 from dfq_search.models.registry import create_model, list_models, register_model
 from dfq_search.models.weights import load_weights, read_state_dict
