@@ -1,7 +1,7 @@
 """The quantization core (pure torch): quantizers, quantized layers, bit plans, cost model."""
 
 from dfq_search.quant.cost import LayerCost, ModelCost, layer_costs, model_cost
-from dfq_search.quant.layers import QuantConfig, QuantConv2d, QuantLinear
+from dfq_search.quant.layers import QuantConfig, QuantConv2d, QuantLinear, QuantSubclass
 from dfq_search.quant.plan import BitPlan, LayerBits, parse_bits
 from dfq_search.quant.quantize import (
     PROTOCOLS,
@@ -29,6 +29,7 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "QuantSubclass",
     "WeightQuantizer",
     "calibrate_",
     "fake_quant",

@@ -13,7 +13,6 @@ In both, the image fed to the model is not quantized and BatchNorm is not folded
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dfq_search.errors import DfqError, unknown_name
-from dfq_search.quant.layers import FLOAT_TO_QUANT, QUANT_LAYERS, QuantConfig
+from dfq_search.quant.layers import QUANT_LAYERS, QuantConfig, quant_class
 from dfq_search.quant.plan import BitPlan, LayerBits
 from dfq_search.quant.quantizers import ActQuantizer, WeightQuantizer
 from dfq_search.quant.trace import LayerInfo, trace_layers
@@ -77,6 +76,10 @@ def quantize_(
 ) -> nn.Module:
     """Replace every Conv2d/Linear the plan covers by its quantized twin, in place; return ``model``.
 
+    A subclass of Conv2d/Linear keeps its own forward (a :class:`QuantSubclass`); one that cannot be
+    quantized (its weight is not a parameter, or its forward does not read it) is refused by the trace,
+    before anything is swapped, as the cost model refuses it.
+
     ``example_input`` (a tensor or a shape such as ``(1, 3, 32, 32)``) is run once to find the layers
     that read the model's input (their input stays float unless ``config.quantize_model_input``).
     New activation quantizers start observing: calibrate (e.g. :func:`calibrate_`) before use.
@@ -93,12 +96,9 @@ def quantize_(
     for name, b in bits.items():
         parent, attr = _parent(model, name)
         float_layer = getattr(parent, attr)
-        quant_cls = FLOAT_TO_QUANT.get(type(float_layer))
-        if quant_cls is None:  # a subclass with its own forward: left in float, not guessed at
-            warnings.warn(f"{name}: {type(float_layer).__name__} is not quantized", stacklevel=2)
-            continue
         quantize_input = config.quantize_model_input or name not in reads_input
-        setattr(parent, attr, quant_cls.from_float(float_layer, b.w, b.a, config, quantize_input))
+        q = quant_class(type(float_layer)).from_float(float_layer, b.w, b.a, config, quantize_input)
+        setattr(parent, attr, q)
     return model
 
 

@@ -1,4 +1,8 @@
-"""One traced forward pass: which Conv2d/Linear layers run, in what order, on what shapes."""
+"""One traced forward pass: which Conv2d/Linear layers run, in what order, on what shapes.
+
+Every layer it lists can be quantized (:func:`check_quantizable` refuses the others, e.g. a subclass
+whose forward never reads ``self.weight``), so the cost model counts exactly what ``quantize_`` builds.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dfq_search.quant.layers import QUANTIZABLE
+from dfq_search.quant.layers import QUANTIZABLE, check_quantizable
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,13 @@ def _recording(model: nn.Module, example: Tensor) -> Iterator[list[LayerInfo]]:
     seen: dict[str, int] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        def record(module: nn.Module, inputs: tuple, kwargs: dict, out: Tensor) -> None:
             if name in seen:  # a layer called twice (weight sharing): count its MACs each time
                 i = seen[name]
                 prev = found[i]
                 found[i] = LayerInfo(**{**prev.__dict__, "macs": prev.macs + _macs(module, out)})
                 return
+            check_quantizable(name, module, inputs, kwargs)  # what the cost counts, quantize_ must build
             seen[name] = len(found)
             groups = getattr(module, "groups", 1)
             found.append(
@@ -63,7 +68,9 @@ def _recording(model: nn.Module, example: Tensor) -> Iterator[list[LayerInfo]]:
         return record
 
     handles = [
-        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)
+        m.register_forward_hook(hook(n), with_kwargs=True)
+        for n, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE)
     ]
     try:
         yield found
