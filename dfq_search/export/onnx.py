@@ -9,6 +9,9 @@ exactly what it computes, with every quantizer made explicit:
 * weights: each quantized layer's weight is stored as its integers (a ``uint8`` initializer, per
   output channel ``scale`` and ``uint8`` zero point) and dequantized by one ``DequantizeLinear``
   (``axis=0``), so the file holds the low-bit integers, not floats;
+* a subclass of Conv2d/Linear with its own forward (:class:`QuantSubclass`) keeps it: the twin runs
+  it with ``self.weight`` reading the dequantized integers, so its padding or weight standardisation
+  are exported as the ops they are;
 * activations: each activation quantizer becomes ``QuantizeLinear -> DequantizeLinear`` with its
   per-tensor scale and ``uint8`` zero point, followed by a ``Clip`` to the PyTorch quantizer's range
   when it has fewer than 8 bits. ONNX has no 2, 3, 5 or 6-bit types (4-bit ones need opset 21): a
@@ -40,7 +43,7 @@ from torch import Tensor, nn
 
 from dfq_search.errors import DfqError
 from dfq_search.ptq.adaround import AdaRoundWeightQuantizer
-from dfq_search.quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear
+from dfq_search.quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantSubclass, weight_as
 from dfq_search.quant.quantizers import ActQuantizer, qparams
 
 DEFAULT_OPSET = 17
@@ -202,6 +205,23 @@ class QDQLinear(nn.Module):
         return F.linear(x if self.act is None else self.act(x), self.weight(), self.bias)
 
 
+class QDQSubclass(nn.Module):
+    """A quantized Conv2d/Linear subclass with explicit quantizers, running the subclass's own forward
+    (its padding, its use of the weight) with ``self.weight`` reading the dequantized integers."""
+
+    def __init__(self, name: str, layer: QuantSubclass) -> None:
+        super().__init__()
+        self.act = _activation(name, layer.act_quant)
+        self.weight = _weight_integers(name, layer)
+        self.layer = layer.float_layer()
+        del self.layer.weight  # the integers replace the float weight in the graph
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        x, *rest = args
+        with weight_as(self.layer, self.weight()):
+            return self.layer(x if self.act is None else self.act(x), *rest, **kwargs)
+
+
 def _check_quantized(model: nn.Module) -> None:
     if not any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
         raise DfqError(
@@ -223,7 +243,8 @@ def qdq_module(model: nn.Module) -> nn.Module:
         if isinstance(layer, QUANT_LAYERS):
             parent_name, _, attr = name.rpartition(".")
             parent = twin.get_submodule(parent_name) if parent_name else twin
-            cls = QDQConv2d if isinstance(layer, QuantConv2d) else QDQLinear
+            kinds = ((QuantSubclass, QDQSubclass), (QuantConv2d, QDQConv2d), (QuantLinear, QDQLinear))
+            cls = next(qdq for kind, qdq in kinds if isinstance(layer, kind))
             setattr(parent, attr, cls(name, layer))
     stray = [n for n, m in twin.named_modules() if isinstance(m, ActQuantizer) and m.enabled]
     if stray:  # an activation quantizer outside a quantized layer would be silently dropped
