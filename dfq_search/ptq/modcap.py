@@ -9,9 +9,9 @@ Capacity of a unit M_i:
   for a strided layer, 1 otherwise), so it follows the bit plan.
 
 Differential of an adjacent pair: d_i = ModCap(M_i) − ModCap(M_{i+1}), for pairs of units of the same
-type that feed each other directly (the candidates). The k pairs of largest |d_i| are reconstructed
-jointly; overlapping pairs chain (u_i, u_{i+1}, u_{i+2}), up to ``max_chain`` units: a pair that would
-make a longer chain is passed over for the next one.
+kind that feed each other directly (the candidates; units and their kinds: :mod:`dfq_search.ptq.units`).
+The k pairs of largest |d_i| are reconstructed jointly; overlapping pairs chain (u_i, u_{i+1}, u_{i+2}),
+up to ``max_chain`` units: a pair that would make a longer chain is passed over for the next one.
 """
 
 from __future__ import annotations
@@ -31,13 +31,28 @@ def candidate_pairs(units: Sequence[Unit]) -> list[int]:
     return [i for i in range(len(units) - 1) if units[i].feeds_next and units[i].kind == units[i + 1].kind]
 
 
+def _why(units: Sequence[Unit]) -> str:
+    """What the model's units offer ModCap, for an error message."""
+    linked = [i for i in range(len(units) - 1) if units[i].feeds_next]
+    if not linked:
+        return (f"none of its {len(units)} units feeds the next (a function such as F.relu, a reshape "
+                "or an addition runs between them)")  # fmt: skip
+    pairs = [(units[i], units[i + 1]) for i in linked]
+    shown = [f"{a.name} [{a.kind}] -> {b.name} [{b.kind}]" for a, b in pairs]
+    return "linked neighbours: " + "; ".join(shown[:4]) + ("; ..." if len(shown) > 4 else "")
+
+
 def check_k(units: Sequence[Unit], k: int) -> None:
     """Refuse a k larger than the number of candidate pairs (before any compute)."""
     n = len(candidate_pairs(units))
     if k > n:
+        hint = (
+            ", or build conv-BN-activation stacks from nn.Sequential, or from module calls (nn.ReLU, "
+            "not F.relu) in a forward that torch.fx can trace, so that alike units feed each other"
+        )
         raise DfqError(
             "ModCap k is larger than the number of adjacent, alike unit pairs", k,
-            f"0 <= k <= {n} for this model", f"pass k <= {n}",
+            f"0 <= k <= {n} for this model ({_why(units)})", f"pass k <= {n}" + (hint if n == 0 else ""),
         )  # fmt: skip
 
 

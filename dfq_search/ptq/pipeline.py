@@ -23,7 +23,7 @@ from dfq_search.errors import DfqError
 from dfq_search.ptq.calibrate import as_batches, calibrate_ranges_, reestimate_bn_
 from dfq_search.ptq.config import PTQConfig, ReconConfig
 from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains, named_chains
-from dfq_search.ptq.reconstruct import ChainRecord, reconstruct_chain_
+from dfq_search.ptq.reconstruct import Chain, ChainRecord, reconstruct_chain_
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
 
@@ -70,6 +70,12 @@ class PTQResult:
         }  # fmt: skip
 
 
+def _unit_module(q: nn.Module, unit: Unit) -> nn.Module:
+    """The unit as one module of ``q``: its module, or its modules chained (sharing q's)."""
+    modules = [q.get_submodule(m) for m in unit.modules]
+    return modules[0] if len(modules) == 1 else Chain(modules)
+
+
 def reconstruct_(
     q: nn.Module, p: nn.Module, data: Sequence[Tensor], units: Sequence[Unit],
     groups: Sequence[Sequence[int]], config: ReconConfig, progress: Progress | None = None,
@@ -78,11 +84,11 @@ def reconstruct_(
     ``progress(done, total, q)`` is called after each group."""
     records = []
     for done, group in enumerate(groups, 1):
-        names = [units[i].name for i in group]
-        x = capture(q, names[0], data, "input")
-        y = capture(p, names[-1], data, "output")
-        modules = [q.get_submodule(n) for n in names]
-        records.append(reconstruct_chain_(modules, names, x, y, config))
+        chain = [units[i] for i in group]
+        x = capture(q, chain[0], data, "input")
+        y = capture(p, chain[-1], data, "output")
+        modules = [_unit_module(q, u) for u in chain]
+        records.append(reconstruct_chain_(modules, [u.name for u in chain], x, y, config))
         del x, y
         if progress is not None:
             progress(done, len(groups), q)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dfq_search.errors import DfqError
+from dfq_search.ptq import PTQConfig, ReconConfig, run_ptq
 from dfq_search.ptq.modcap import (
     candidate_pairs,
     chains,
@@ -18,7 +19,7 @@ from dfq_search.ptq.modcap import (
     select_pairs,
 )
 from dfq_search.ptq.units import find_units
-from dfq_search.quant import BitPlan, quantized_copy
+from dfq_search.quant import PROTOCOLS, BitPlan, LayerBits, quantized_copy, trace_layers
 
 
 class Blk(nn.Module):
@@ -83,3 +84,19 @@ def test_k_larger_than_pairs_is_refused():
         check_k(units, 5)
     with pytest.raises(DfqError, match="lower k"):
         select_pairs({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, 4, 5, max_chain=2)
+
+
+def test_modcap_merges_an_alike_pair_and_reconstruction_helps_on_every_family(family):
+    example = family.batches[0][:1]
+    plan = PROTOCOLS["ptq"].plan(trace_layers(family.model, example), LayerBits(3, 4))
+    fast = ReconConfig(iters=60, batch_size=16, lr=1e-2)
+    res = run_ptq(family.model, plan, family.batches, PTQConfig(modcap_k=1, recon=fast))
+    merged = [g for g in res.groups if len(g) > 1]
+    assert len(merged) == 1 and len(merged[0]) == 2
+    kinds = {u.name: u.kind for u in res.units}
+    assert kinds[merged[0][0]] == kinds[merged[0][1]]
+    assert len(res.records) == len(res.units) - 1
+    joint = next(r for r in res.records if len(r.units) == 2)
+    assert joint.loss_after < 0.8 * joint.loss_before
+    # 8-bit first and last layers barely move (their rounding is already close to the best one)
+    assert sum(r.loss_after for r in res.records) < sum(r.loss_before for r in res.records)

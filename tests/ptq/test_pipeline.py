@@ -73,4 +73,4 @@ def test_hand_given_merges(tiny, batches, ptq_plan):
     with pytest.raises(DfqError, match="did you mean 'block1'"):
         run_ptq(tiny.model, plan, batches, PTQConfig(merges=(("blok1", "block2"),)))
     with pytest.raises(DfqError, match="adjacent"):
-        run_ptq(tiny.model, plan, batches, PTQConfig(merges=(("block2", "head.2"),)))
+        run_ptq(tiny.model, plan, batches, PTQConfig(merges=(("stem.0", "block1"),)))
