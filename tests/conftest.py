@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Idle OpenMP threads spin by default; on a small, shared machine that slows torch many-fold.
@@ -21,6 +25,81 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "weights").is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA} (set DFQ_SHARED_DATA)")
     return SHARED_DATA
+
+
+# The calibration workload's time on an idle machine of this project's kind (2 cores, one thread).
+REFERENCE_WORK_S = 0.035
+
+
+def _work_seconds() -> float:
+    """A fixed single-thread workload (matrix products and a Python loop), timed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(192, 192, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        for _ in range(150):
+            a = torch.tanh(a @ a * 0.01)
+            sum(range(2000))
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+
+
+class Patience:
+    """Deadlines for tests that wait on something (a subprocess, a Ray actor, a file).
+
+    A base deadline is written for a machine at load 4 (about three times what the idle machine
+    needs); it is multiplied by ``factor``: how many times slower than the reference this machine ran
+    a fixed workload at the start of the session (at least 1), or ``$DFQ_TEST_PATIENCE`` when set.
+    A missed deadline fails with what was awaited, never a bare timeout.
+    """
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, seconds: float) -> float:
+        return seconds * self.factor
+
+    def wait_for(
+        self,
+        what: str,
+        done: Callable[[], bool],
+        seconds: float,
+        alive: Callable[[], bool] | None = None,
+        progress: Callable[[], str] = lambda: "",
+    ) -> None:
+        """Poll ``done`` until it is true; fail naming ``what`` after the scaled deadline, or at once
+        when ``alive`` says the awaited process has ended."""
+        limit = self(seconds)
+        deadline = time.monotonic() + limit
+        while not done():
+            if alive is not None and not alive():
+                pytest.fail(f"the process ended before {what} {progress()}".rstrip())
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"waited {limit:.0f} s (patience x{self.factor:.1f}) for {what} {progress()}".rstrip()
+                )
+            time.sleep(0.2)
+
+    def run(self, argv: list[str], what: str, seconds: float, **kwargs) -> subprocess.CompletedProcess:
+        """``subprocess.run(argv, **kwargs)`` with the scaled deadline; a timeout fails naming ``what``."""
+        limit = self(seconds)
+        try:
+            return subprocess.run(argv, timeout=limit, **kwargs)
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")[-2000:]
+            pytest.fail(f"{what} did not finish within {limit:.0f} s (patience x{self.factor:.1f}): {tail!r}")
+
+
+@pytest.fixture(scope="session")
+def patience() -> Patience:
+    """See :class:`Patience`."""
+    given = os.environ.get("DFQ_TEST_PATIENCE")
+    if given:
+        return Patience(max(1.0, float(given)))
+    measured = statistics.median(_work_seconds() for _ in range(3)) / REFERENCE_WORK_S
+    return Patience(min(max(1.0, measured), 20.0))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,3 @@
-import subprocess
 import sys
 
 # Every algorithm module is plain torch: importing it must not pull in Ray or TensorBoard.
@@ -14,7 +13,7 @@ MODULES = [
 ]
 
 
-def test_import_is_lean():
+def test_import_is_lean(patience):
     code = (
         "import importlib, pkgutil, sys\n"
         f"for m in {MODULES!r}: importlib.import_module(m)\n"
@@ -24,6 +23,6 @@ def test_import_is_lean():
         "heavy = sorted(m for m in ('ray', 'tensorboard', 'optuna') if m in sys.modules)\n"
         "print(heavy)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = patience.run([sys.executable, "-c", code], "the imports", 120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout

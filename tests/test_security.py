@@ -197,7 +197,7 @@ def _tree(root: Path) -> set[Path]:
     return {p for p in root.rglob("*")}
 
 
-def test_a_campaign_writes_nothing_outside_its_storage_and_cache():
+def test_a_campaign_writes_nothing_outside_its_storage_and_cache(patience):
     """The 3-trial tiny_smoke campaign in a subprocess, with cwd, HOME, the cache and TMPDIR all in one
     fresh folder: everything it creates is under the storage path, the cache, HOME or TMPDIR (Ray's
     session dir). The folder is short (not pytest's tmp_path): Ray's socket paths must fit in 107 bytes."""
@@ -218,7 +218,7 @@ def test_a_campaign_writes_nothing_outside_its_storage_and_cache():
             cmd, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         try:
-            out, err = proc.communicate(timeout=420)
+            out, err = proc.communicate(timeout=patience(420))
         finally:
             proc.kill()
         assert proc.returncode == 0, out[-3000:] + err[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -112,11 +111,13 @@ KILLER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["mid-shard", "before-index"])
-def test_killed_writer_leaves_no_readable_partial_shard(tmp_path, mode):
+def test_killed_writer_leaves_no_readable_partial_shard(tmp_path, mode, patience):
     bank = bank_at(tmp_path)
     bank.write_shard(samples(4))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "bank"), mode], env=env, timeout=120)
+    proc = patience.run(
+        [sys.executable, "-c", KILLER, str(tmp_path / "bank"), mode], "the dying writer", 120, env=env
+    )
     assert proc.returncode == -9  # the writer died by SIGKILL in the middle of its write
     left = {p.name for p in (tmp_path / "bank" / "shards").iterdir()}
     assert len(left) == 2  # the first shard and the dead writer's leftover, which must not be served

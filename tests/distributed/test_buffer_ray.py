@@ -36,13 +36,13 @@ def worker(name: str, seed: int, steps: int, **kw) -> WorkerConfig:
                         overrides=[f"train.batch_size={BATCH}"], **kw)  # fmt: skip
 
 
-def test_two_workers_fill_serve_spill_and_reload(ray_session, tiny, tmp_path):
+def test_two_workers_fill_serve_spill_and_reload(ray_session, tiny, tmp_path, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("fill", 4096, shape, 10, shards=2, namespace="dfq_search_tests")
     pool = WorkerPool([worker("gdfq-a", 0, 12, keep_after=2), worker("lrq-b", 1, 12, preset="lrq")],
                       tiny.model, shape, 10, buf)  # fmt: skip
     pool.run()
-    done = pool.wait(timeout=120)
+    done = pool.wait(timeout=patience(120))
     assert {d["step"] for d in done.values()} == {12}
     trial_side = SampleBuffer.connect("fill", namespace="dfq_search_tests")  # a trial reaches it by name
     st = trial_side.stats()
@@ -71,22 +71,16 @@ def test_two_workers_fill_serve_spill_and_reload(ray_session, tiny, tmp_path):
     pool.shutdown()
 
 
-def _wait(predicate, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
-
-
-def test_killed_worker_restarts_and_resumes_while_buffer_serves(ray_session, tiny):
+def test_killed_worker_restarts_and_resumes_while_buffer_serves(ray_session, tiny, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("kill", 100_000, shape, 10, namespace="dfq_search_tests")
     pool = WorkerPool([worker("w", 0, 150)], tiny.model, shape, 10, buf)
     pool.run()
-    _wait(lambda: buf.latest_generator("w") is not None and buf.latest_generator("w")[1]["step"] >= 10)
+    patience.wait_for("worker w to publish step 10", lambda: buf.latest_generator("w") is not None
+                      and buf.latest_generator("w")[1]["step"] >= 10, 60)  # fmt: skip
     pool.kill("w", restart=True)
     assert len(buf.sample(64)) == 64  # the buffer keeps serving while the worker is down
-    done = pool.wait(timeout=120)["w"]
+    done = pool.wait(timeout=patience(120))["w"]
     assert done["reconstructed"] and done["resumed_from"] >= 10 and done["step"] == 150
     assert buf.stats()["filled"] > 0 and len(buf.sample(64)) == 64
     held = buf.sample(buf.stats()["filled"])  # everything held (without replacement)
@@ -96,31 +90,33 @@ def test_killed_worker_restarts_and_resumes_while_buffer_serves(ray_session, tin
     pool.shutdown()
 
 
-def test_worker_pauses_when_buffer_full_and_on_request(ray_session, tiny):
+def test_worker_pauses_when_buffer_full_and_on_request(ray_session, tiny, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("full", 3 * BATCH, shape, 10, namespace="dfq_search_tests")
     pool = WorkerPool([worker("p", 0, 10_000)], tiny.model, shape, 10, buf)
     pool.run()
-    _wait(lambda: pool.status()["p"]["waiting_full"])
+    patience.wait_for("the worker to wait on the full buffer", lambda: pool.status()["p"]["waiting_full"], 60)
     step = pool.status()["p"]["step"]
-    time.sleep(0.5)
+    time.sleep(patience(0.5))
     assert pool.status()["p"]["step"] <= step + 2 * 2  # at most the chunk in flight
     assert buf.stats()["filled"] == 3 * BATCH
     pool.pause()
     buf.set_refresh(True)  # a refreshing buffer wants samples again: only the explicit pause holds it
-    time.sleep(0.5)
+    time.sleep(patience(0.5))  # a step in flight ends within it, even under load
     paused_step = pool.status()["p"]["step"]
-    time.sleep(0.5)
+    time.sleep(patience(0.5))  # a step in flight ends within it, even under load
     assert pool.status()["p"]["step"] == paused_step
     pool.resume()
-    _wait(lambda: pool.status()["p"]["step"] > paused_step + 2)
+    patience.wait_for(
+        "the resumed worker to step on", lambda: pool.status()["p"]["step"] > paused_step + 2, 60
+    )
     assert buf.stats()["evicted"] > 0  # FIFO eviction once full
     pool.stop()
-    assert pool.wait(timeout=60)["p"]["step"] < 10_000
+    assert pool.wait(timeout=patience(60))["p"]["step"] < 10_000
     pool.shutdown()
 
 
-def test_workers_of_one_config_train_the_warmup_once(ray_session, tiny):
+def test_workers_of_one_config_train_the_warmup_once(ray_session, tiny, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("fork", 4096, shape, 10, namespace="dfq_search_tests")
     configs = [worker(f"g{i}", i, 10, keep_after=4) for i in range(3)] + [worker("l", 3, 10, preset="lrq",
@@ -128,7 +124,7 @@ def test_workers_of_one_config_train_the_warmup_once(ray_session, tiny):
     pool = WorkerPool(configs, tiny.model, shape, 10, buf, cpus_per_worker=0.5)  # all four run at once
     assert [c.fork_from for c in pool.configs.values()] == [None, "g0", "g0", None]  # lrq: its own warm-up
     pool.run()
-    done = pool.wait(timeout=120)
+    done = pool.wait(timeout=patience(120))
     assert {n: d["forked_at"] for n, d in done.items()} == {"g0": None, "g1": 4, "g2": 4, "l": None}
     assert all(d["step"] == 10 for d in done.values())
     held = buf.stats()["shards"][0]["held_per_generator"]
@@ -143,7 +139,7 @@ def test_workers_of_one_config_train_the_warmup_once(ray_session, tiny):
     unforked.shutdown()
 
 
-def test_a_fork_from_a_resumed_leader_trains_its_own_warmup(ray_session, tiny):
+def test_a_fork_from_a_resumed_leader_trains_its_own_warmup(ray_session, tiny, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("fork-resumed", 4096, shape, 10, namespace="dfq_search_tests")
     from dfq_search.bank import SourceTrainer
@@ -155,20 +151,20 @@ def test_a_fork_from_a_resumed_leader_trains_its_own_warmup(ray_session, tiny):
     buf.publish("r0", 6, trainer.state_dict(), {"config_hash": lead.generator_hash()})
     pool = WorkerPool([lead, worker("r1", 1, 12, keep_after=4)], tiny.model, shape, 10, buf)
     pool.run()
-    done = pool.wait(timeout=120)
+    done = pool.wait(timeout=patience(120))
     assert done["r0"]["resumed_from"] == 6 and done["r1"]["forked_at"] is None
     assert done["r1"]["step"] == 12 and done["r1"]["generator_cpu_seconds"] > 0
     pool.shutdown()
 
 
-def test_a_fork_whose_leader_is_gone_trains_its_own_warmup(ray_session, tiny):
+def test_a_fork_whose_leader_is_gone_trains_its_own_warmup(ray_session, tiny, patience):
     shape = tiny.preprocess.shape
     buf = SampleBuffer.start("fork-gone", 4096, shape, 10, namespace="dfq_search_tests")
     pool = WorkerPool([worker("d0", 0, 8, keep_after=4), worker("d1", 1, 8, keep_after=4)], tiny.model, shape,
                       10, buf)  # fmt: skip
     pool.kill("d0", restart=False)
     pool.run()
-    done = ray.get(pool.runs["d1"], timeout=120)
+    done = ray.get(pool.runs["d1"], timeout=patience(120))
     assert done["forked_at"] is None and done["step"] == 8
     pool.shutdown()
 

@@ -5,7 +5,6 @@ killed mid-run is restarted and the generation completes."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_a_killed_buffer_shard_is_rebuilt_from_the_bank(generated, tiny):
     assert ray.get(shard.stats.remote())["filled"] == KEPT
 
 
-def test_a_generator_worker_killed_mid_run_is_restarted(ray_session, tiny, tmp_path):
+def test_a_generator_worker_killed_mid_run_is_restarted(ray_session, tiny, tmp_path, patience):
     bank = str(tmp_path / "bank")
     cfg = Samples(**{**CFG.__dict__, "generator_steps": 120})
     out = {}
@@ -78,20 +77,18 @@ def test_a_generator_worker_killed_mid_run_is_restarted(ray_session, tiny, tmp_p
         target=lambda: out.setdefault("r", generator_samples(tiny, cfg, bank, "kill", Resources(), quiet))
     )
     runner.start()
-    deadline = time.time() + 120
-    worker = None
-    while time.time() < deadline and worker is None:
+
+    def at_step_60() -> bool:
         try:
             worker = ray.get_actor("kill/worker/gdfq-0", namespace=NAMESPACE)
-            status = ray.get(worker.status.remote())
-            if status["step"] < 60:
-                worker = None
-        except ValueError:
-            pass
-        time.sleep(0.2)
-    assert worker is not None, "the worker never got to step 60"
+            return ray.get(worker.status.remote())["step"] >= 60
+        except ValueError:  # not started yet
+            return False
+
+    patience.wait_for("the generator worker to reach step 60", at_step_60, 120, alive=runner.is_alive)
+    worker = ray.get_actor("kill/worker/gdfq-0", namespace=NAMESPACE)
     ray.kill(worker, no_restart=False)
-    runner.join(timeout=300)
+    runner.join(timeout=patience(300))
     assert "r" in out, "the generation did not complete after the worker was killed"
     assert SampleBank.open(bank).info()["samples"] >= (120 - 5) * 32
 
@@ -104,9 +101,9 @@ def _reader(name: str, draws: int, n: int) -> list[int]:
     return [len(draw(n)) for _ in range(draws)]
 
 
-def test_the_buffer_serves_eight_concurrent_readers(generated, tiny):
+def test_the_buffer_serves_eight_concurrent_readers(generated, tiny, patience):
     generator_samples(tiny, CFG, generated[0], "readers", Resources(), quiet)
-    got = ray.get([_reader.remote("readers", 20, 64) for _ in range(8)], timeout=300)
+    got = ray.get([_reader.remote("readers", 20, 64) for _ in range(8)], timeout=patience(300))
     assert got == [[64] * 20] * 8  # every request of every reader served in full
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,13 +26,16 @@ def env(cache: Path) -> dict[str, str]:
     return {**os.environ, "DFQ_SEARCH_CACHE": str(cache), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
+def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache, patience):
     argv = cli(
         "run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--num-cpus", "2", "--name", "smoke"
     )
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    proc = patience.run(
+        argv, "the 3-trial campaign", 300, capture_output=True, text=True, env=env(shared_cache)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Pareto front" in proc.stdout and "Traceback" not in proc.stderr
+    assert "Pareto front" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[proc.stderr.index("Traceback") - 500 :][:4000]
     run = tmp_path / "smoke"
     rows = pq.read_table(run / "results.parquet").to_pylist()
     assert len(rows) == 3 and {r["status"] for r in rows} <= set(STATUSES)
@@ -57,8 +59,8 @@ def test_three_trial_campaign_writes_every_output(tmp_path, shared_cache):
     assert meta["plan"] == plan
 
     summary = json.loads((run / "summary.json").read_text())
-    again = subprocess.run(cli("report", str(run)), capture_output=True, text=True,
-                           env=env(shared_cache), timeout=120)  # fmt: skip
+    again = patience.run(cli("report", str(run)), "the report", 120, capture_output=True, text=True,
+                         env=env(shared_cache))  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert summary["best"]["trial"] in again.stdout.split("best:")[1]
 
@@ -87,7 +89,7 @@ def _finished(run: Path) -> dict[str, dict]:
     return out
 
 
-def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache):
+def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache, patience):
     path = smoke_space(tmp_path, "slow", iters=1000)  # trials of seconds: the kill lands mid-campaign
     argv = cli(
         "run",
@@ -105,16 +107,22 @@ def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, sh
     run = tmp_path / "slow"
     proc = subprocess.Popen(argv, env=env(shared_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline and len(_finished(run)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
+    try:
+        patience.wait_for(
+            "two finished trials",
+            lambda: len(_finished(run)) >= 2,
+            240,
+            alive=lambda: proc.poll() is None,
+            progress=lambda: f"({len(_finished(run))} so far)",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
     before = _finished(run)
     assert 2 <= len(before) < 5, "the kill must land after two finished trials and before the end"
 
-    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env(shared_cache),
-                             timeout=300)  # fmt: skip
+    resumed = patience.run([*argv, "--resume"], "the resumed campaign", 300, capture_output=True, text=True,
+                           env=env(shared_cache))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = pq.read_table(run / "results.parquet").to_pylist()
     assert len(rows) == 5 and len({r["trial"] for r in rows}) == 5
@@ -126,20 +134,20 @@ def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, sh
         assert same or after[name].get("replayed") == 1.0, f"{name} was rerun"
 
 
-def test_run_refuses_an_existing_named_campaign_without_resume(tmp_path, shared_cache):
+def test_run_refuses_an_existing_named_campaign_without_resume(tmp_path, shared_cache, patience):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "campaign.json").write_text("{}")
     argv = cli("run", "--space", "tiny_smoke", "--storage", str(tmp_path), "--name", "mine")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=120)
+    proc = patience.run(argv, "the refused run", 120, capture_output=True, text=True, env=env(shared_cache))
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "mine" / "campaign.json").read_text() == "{}"  # untouched
 
 
-def test_campaign_on_a_uri_lives_there_and_resumes_and_reports_from_it(tmp_path, shared_cache):
+def test_campaign_on_a_uri_lives_there_and_resumes_and_reports_from_it(tmp_path, shared_cache, patience):
     """file:// stands in for s3://: Tune writes the trials to the URI, the driver its own files."""
     uri = f"file://{tmp_path}/bucket/campaigns"
     argv = cli("run", "--space", "tiny_smoke", "--storage", uri, "--num-cpus", "2", "--name", "remote")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    proc = patience.run(argv, "the URI campaign", 300, capture_output=True, text=True, env=env(shared_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"campaign stored at {uri}/remote" in proc.stdout
     remote = tmp_path / "bucket" / "campaigns" / "remote"
@@ -150,46 +158,50 @@ def test_campaign_on_a_uri_lives_there_and_resumes_and_reports_from_it(tmp_path,
     assert len(finals) == 3
 
     elsewhere = env(tmp_path / "another-machine")  # an empty cache: no mirror, no samples
-    rep = subprocess.run(cli("report", f"{uri}/remote"), capture_output=True, text=True, env=elsewhere,
-                         timeout=120)  # fmt: skip
+    rep = patience.run(cli("report", f"{uri}/remote"), "the URI report", 120, capture_output=True, text=True,
+                       env=elsewhere)  # fmt: skip
     best = json.loads((remote / "summary.json").read_text())["best"]["trial"]
     assert rep.returncode == 0 and best in rep.stdout.split("best:")[1], rep.stderr[-2000:]
-    changed = subprocess.run([*argv, "--resume", "--trials", "5"], capture_output=True, text=True,
-                             env=elsewhere, timeout=120)  # fmt: skip
+    changed = patience.run([*argv, "--resume", "--trials", "5"], "the refused resume", 120,
+                           capture_output=True, text=True, env=elsewhere)  # fmt: skip
     assert changed.returncode == 2 and "search.trials: 3 -> 5" in changed.stderr
-    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=elsewhere, timeout=300)
+    again = patience.run(
+        [*argv, "--resume"], "the URI resume", 300, capture_output=True, text=True, env=elsewhere
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.parent.name: p.read_text() for p in remote.glob("trial_*/result.json")} == finals
 
 
-def test_time_budget_ends_on_time_with_the_best_so_far(tmp_path, shared_cache):
+def _trial_starts(run: Path) -> list[float]:
+    """When each trial's trainable began: its first report's timestamp less the time it had run."""
+    starts = []
+    for f in run.glob("trial_*/result.json"):
+        first = json.loads(f.read_text().splitlines()[0])
+        starts.append(first["timestamp"] - first["time_total_s"])
+    return starts
+
+
+def test_time_budget_stops_starting_trials_and_keeps_the_best_so_far(tmp_path, shared_cache, patience):
     path = smoke_space(tmp_path, "timed", iters=20, trials=500)
-    argv = cli(
-        "run",
-        "--space",
-        str(path),
-        "--storage",
-        str(tmp_path),
-        "--num-cpus",
-        "2",
-        "--time-budget",
-        "20",
-        "--name",
-        "timed",
-    )
-    start = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=600)
+    argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2",
+               "--time-budget", "20", "--name", "timed")  # fmt: skip
+    proc = patience.run(argv, "the 20 s campaign", 600, capture_output=True, text=True, env=env(shared_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "timed" / "results.parquet").to_pylist()
     assert 1 <= len(rows) < 500  # it stopped starting trials long before the 500th
     assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None
-    assert time.time() - start < 20 + 150  # the budget, plus start-up and the final outputs
+    starts = _trial_starts(tmp_path / "timed")
+    # every trial began within the budget (timestamps are whole seconds; a trial admitted at the end of
+    # the budget may wait for its worker a little longer on a loaded machine)
+    assert len(starts) == len(rows) and max(starts) - min(starts) <= 20 + patience(5)
 
 
-def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_path, shared_cache):
+def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_path, shared_cache, patience):
     path = smoke_space(tmp_path, "refined", iters=5, trials=4, refine_top=2, refine_seeds=1)
     argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2", "--name", "r")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env(shared_cache), timeout=300)
+    proc = patience.run(
+        argv, "the refined campaign", 300, capture_output=True, text=True, env=env(shared_cache)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "r"
     kept = sorted((run / "refine").glob("*/model.pt"))
@@ -201,13 +213,13 @@ def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_pa
     assert all(m["refined_runs"] == 2 for m in marks.values())
     assert (run / "best_model.pt").read_bytes() == (Path(best["checkpoint"]) / "model.pt").read_bytes()
 
-    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env(shared_cache),
-                           timeout=300)  # fmt: skip
+    again = patience.run([*argv, "--resume"], "the refined resume", 300, capture_output=True, text=True,
+                         env=env(shared_cache))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "refining" not in again.stdout  # every rerun was kept: none runs again
     assert sorted((run / "refine").glob("*/model.pt")) == kept
-    report = subprocess.run(cli("report", str(run)), capture_output=True, text=True, env=env(shared_cache),
-                            timeout=120)  # fmt: skip
+    report = patience.run(cli("report", str(run)), "the refined report", 120, capture_output=True, text=True,
+                          env=env(shared_cache))  # fmt: skip
     assert report.returncode == 0 and json.loads((run / "summary.json").read_text())["best"] == best
 
 
