@@ -1,38 +1,27 @@
-"""Tiny BN models: shapes, BatchNorm present, deterministic creation, small and fast."""
+"""Tiny BN models: shapes, BatchNorm present, deterministic creation, small and cheap."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from dfq_search.models import create_model
+from dfq_search.quant import trace_layers
 
 TINY = ("tiny_cnn", "tiny_resnet", "tiny_mobilenet")
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_forward_shape_size_and_speed(name):
+def test_forward_shape_size_and_cost(name):
     bundle = create_model(name)
     assert bundle.preprocess.shape == (3, 16, 16)
     assert sum(p.numel() for p in bundle.model.parameters()) < 20_000
     x = torch.randn(8, 3, 16, 16)
-    times = []
-    threads = torch.get_num_threads()
-    # One thread: on a 2-core machine shared with other processes, spinning OpenMP threads can
-    # make this 300x slower, which would test the machine rather than the model.
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for _ in range(5):  # the best of 5
-                start = time.perf_counter()
-                out = bundle.model(x)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    assert out.shape == (8, 10) and min(times) < 0.05  # about a millisecond
+    with torch.inference_mode():
+        out = bundle.model(x)
+    # fast by construction, on any machine and under any load: under 2M multiply-adds per image
+    assert out.shape == (8, 10) and sum(i.macs for i in trace_layers(bundle.model, x[:1])) < 2_000_000
     assert create_model(name, num_classes=4).model(x).shape == (8, 4)
 
 

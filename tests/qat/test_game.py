@@ -16,9 +16,9 @@ def shifted_noise(n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch
     return 0.6 * torch.randn(n, *shape, generator=gen) + 0.3
 
 
-def _game(p, shape, preset="adadfq", start="rtn", bits=4, reporter=None, **train) -> Game:
-    over = {"train": {"iterations": 20, "warmup": 2, "batch_size": 8, "q_lr": 1e-4, **train}}
-    q = start_q(p, BitPlan.uniform(bits, bits), shape, start=start, calib_images=64)
+def _game(p, shape, preset="adadfq", start="rtn", bits=4, reporter=None, seed=0, **train) -> Game:
+    over = {"train": {"iterations": 20, "warmup": 2, "batch_size": 8, "q_lr": 1e-4, "seed": seed, **train}}
+    q = start_q(p, BitPlan.uniform(bits, bits), shape, start=start, calib_images=64, seed=seed)
     return Game(p, q, load_config(preset, over), shape, 10, reporter=reporter)
 
 
@@ -62,14 +62,22 @@ def _kl_to_p(p, q, x) -> float:
 
 
 def test_short_game_lowers_disagreement(tiny_p) -> None:
+    """Each run lowers Q's KL to P on held-out images, and clearly so on average over seeds.
+
+    A short stochastic game's figure moves with the CPU's kernels as it does with the seed (here,
+    150 iterations, ratios after/before 0.54-0.80 over six seeds for GDFQ, 0.45-0.66 for AdaDFQ),
+    so the bounds leave that spread a wide margin rather than fit one machine's run.
+    """
     p, shape = tiny_p
     held_out = shifted_noise(256, shape, torch.Generator().manual_seed(9))
     for preset in ("gdfq", "adadfq"):
-        game = _game(p, shape, preset, bits=3, iterations=60, warmup=10, batch_size=16)
-        before = _kl_to_p(p, game.q, held_out)
-        game.run()
-        after = _kl_to_p(p, game.q, held_out)
-        assert after < 0.85 * before, (preset, before, after)
+        ratios = []
+        for seed in range(3):
+            game = _game(p, shape, preset, bits=3, seed=seed, iterations=150, warmup=10, batch_size=16)
+            before = _kl_to_p(p, game.q, held_out)
+            game.run()
+            ratios.append(_kl_to_p(p, game.q, held_out) / before)
+        assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.9, (preset, ratios)
 
 
 def test_ranges_tracked_then_frozen(tiny_p) -> None:
