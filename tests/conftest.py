@@ -15,6 +15,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
+if os.environ.get("DFQ_TEST_DETERMINISTIC") == "1":  # tests/stress.sh varies it: no test may depend on it
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DFQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
