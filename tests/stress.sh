@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 LOAD_THREADS=${LOAD_THREADS:-2}
 LOG_DIR=${LOG_DIR:-$(mktemp -d -t dfq-stress-XXXX)}
+mkdir -p "$LOG_DIR"
 
 load() {
     python -c "
