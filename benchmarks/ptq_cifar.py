@@ -85,10 +85,13 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
 
     Returns the images and the seconds their synthesis took (when they were made).
     """
-    from dfq_search.synth.direct import synthesize_images
+    from dfq_search.synth.direct import DirectConfig, synthesize_images
 
     fingerprint = model_fingerprint(bundle.model)
-    key = json.dumps([bundle.name, fingerprint, n, seed, args.synth_iters, args.synth_batch])
+    overrides = {"iterations": args.synth_iters, "batch_size": args.synth_batch}
+    config = DirectConfig(**{**DirectConfig().__dict__, **{k: v for k, v in overrides.items() if v}})
+    # the whole resolved config is in the key, so a change of the synthesizer's defaults is a new entry
+    key = json.dumps([bundle.name, fingerprint, n, seed, repr(config)])
     if args.source == "generator":
         key = json.dumps([bundle.name, fingerprint, n, seed, "generator", args.gen_preset, args.gen_steps])
     path = cache_dir() / "synth" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
@@ -102,8 +105,8 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
         images = generator_images(bundle, n, seed, args, device)
     else:
         images, _ = synthesize_images(
-            bundle.model, pre.shape, bundle.num_classes, n, batch_size=args.synth_batch,
-            iterations=args.synth_iters, seed=seed, device=device, preprocess=pre,
+            bundle.model, pre.shape, bundle.num_classes, n, seed=seed, device=device, preprocess=pre,
+            config=config,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
