@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfq_search.data.image_data import ImageData
 from dfq_search.errors import DfqError
 from dfq_search.evaluate import Evaluator
+from dfq_search.fidelity import METRICS, fidelity, logits, score
 from dfq_search.models.base import Preprocess
 
 
@@ -29,7 +29,7 @@ def _spaced(n_total: int, n: int) -> Tensor:
     return torch.linspace(0, n_total - 1, n).round().long()
 
 
-LABEL_FREE = ("kl", "agreement", "mse")
+LABEL_FREE = METRICS  # computed in dfq_search.fidelity
 # What `metric: auto` uses without labelled data: over 123 kept ResNet-20 models of 13 campaigns the
 # logits' MSE ranks them against real top-1 better than KL or agreement on the same 256 images
 # (benchmarks/label_free_objectives.py; README, "Measured results").
@@ -43,30 +43,12 @@ class FidelityScorer:
         if metric not in LABEL_FREE:
             raise DfqError("label-free metric", metric, f"one of {LABEL_FREE}", "top1 needs --val-data")
         self.images, self.metric, self.batch_size = images.cpu(), metric, batch_size
-        self.ref = self._logits(p, self.images, next(p.parameters()).device)
-
-    @torch.inference_mode()
-    def _logits(self, model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
-        was = model.training
-        model.eval()
-        try:
-            out = [
-                model(images[i : i + self.batch_size].to(device)).float().cpu()
-                for i in range(0, len(images), self.batch_size)
-            ]
-        finally:
-            model.train(was)
-        return torch.cat(out)
+        self.ref = logits(p, self.images, batch_size)
 
     def __call__(self, q: nn.Module, fraction: float = 1.0) -> dict[str, float]:
         idx = _spaced(len(self.images), _take(len(self.images), fraction))
-        z = self._logits(q, self.images[idx], next(q.parameters()).device)
-        ref = self.ref[idx]
-        agree = 100.0 * (z.argmax(1) == ref.argmax(1)).float().mean().item()
-        kl = F.kl_div(F.log_softmax(z, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-        out = {"agreement": agree, "kl": float(kl), "mse": float(((z - ref) ** 2).mean())}
-        score = agree if self.metric == "agreement" else -out[self.metric]
-        return {"score": score, **out, "n_scored": len(idx)}
+        out = fidelity(logits(q, self.images[idx], self.batch_size), self.ref[idx])
+        return {"score": score(out, self.metric), **out, "n_scored": len(idx)}
 
 
 class LabelledScorer:
