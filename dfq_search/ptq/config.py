@@ -86,6 +86,10 @@ class PTQConfig:
     max_chain: the longest chain of units merged into one (pairs may chain).
     merges: chains of unit names to reconstruct jointly, given by hand (instead of ModCap's choice;
         e.g. the public MRECG code's fixed merges); each chain must be adjacent, linked units.
+    guard: when ``run_ptq`` is given held-out images, keep the round-to-nearest model instead of the
+        reconstructed one if reconstruction made Q's logits less faithful to P's on them (higher MSE;
+        ties keep the reconstruction; :mod:`dfq_search.ptq.guard`). False always keeps the
+        reconstruction. Without held-out images, or with ``reconstruct=False``, it does nothing.
     """
 
     act_range: str = "percentile"
@@ -97,6 +101,7 @@ class PTQConfig:
     stride_factor: float = 0.5
     max_chain: int = 3
     merges: tuple[tuple[str, ...], ...] = ()
+    guard: bool = True
     recon: ReconConfig = ReconConfig()
 
     def __post_init__(self) -> None:
@@ -111,6 +116,8 @@ class PTQConfig:
         if self.max_chain < 2:
             raise DfqError("max_chain", self.max_chain, "an int >= 2", "e.g. 3")
         _positive("stride_factor", self.stride_factor, float)
+        if not isinstance(self.guard, bool):
+            raise DfqError("guard", self.guard, "True or False", "true keeps RTN when it is more faithful")
         object.__setattr__(self, "merges", tuple(tuple(c) for c in self.merges))
         if self.merges and self.modcap_k:
             raise DfqError("merges and modcap_k", (self.merges, self.modcap_k), "one of them", "drop one")

@@ -7,11 +7,18 @@
 
 P is never modified. ``batches`` is any iterable of input tensors (or (input, label) pairs): real
 images, buffered synthetic ones, or Gaussian noise; it is read into memory once.
+
+With ``heldout`` images (synthetic images the reconstruction never sees) the guard of
+:mod:`dfq_search.ptq.guard` compares the reconstructed model with the round-to-nearest one it started
+from, by their logits' MSE to P on those images, and keeps the reconstruction unless it is less
+faithful (``result.guard`` says what was measured and kept).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +29,14 @@ from torch import Tensor, nn
 from dfq_search.errors import DfqError
 from dfq_search.ptq.calibrate import as_batches, calibrate_ranges_, reestimate_bn_
 from dfq_search.ptq.config import PTQConfig, ReconConfig
+from dfq_search.ptq.guard import guard, heldout_images
 from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains, named_chains
 from dfq_search.ptq.reconstruct import Chain, ChainRecord, reconstruct_chain_
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
 
 Progress = Callable[[int, int, nn.Module], None]
+log = logging.getLogger(__name__)
 
 
 def oscillation(errors: Sequence[float]) -> float:
@@ -44,7 +53,12 @@ def rise(errors: Sequence[float]) -> float:
 
 @dataclass
 class PTQResult:
-    """The quantized model and what its reconstruction did."""
+    """The quantized model and what its reconstruction did.
+
+    ``unit_errors`` are those of ``model``; ``guard`` is None unless the guard ran (then ``{"metric":
+    "mse", "rtn": …, "reconstructed": …, "kept": "reconstructed" | "rtn", "images": N}``, the logits'
+    MSEs to P on the held-out images).
+    """
 
     model: nn.Module
     units: list[Unit]
@@ -53,6 +67,7 @@ class PTQResult:
     unit_errors: list[float] = field(default_factory=list)
     differentials: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    guard: dict | None = None
 
     @property
     def oscillation(self) -> float:
@@ -67,6 +82,7 @@ class PTQResult:
             "groups": self.groups, "unit_errors": self.unit_errors, "oscillation": self.oscillation,
             "rise": self.rise, "differentials": self.differentials, "seconds": self.seconds,
             "chain_losses": [(r.units, r.loss_before, r.loss_after) for r in self.records],
+            "guard": self.guard,
         }  # fmt: skip
 
 
@@ -111,17 +127,22 @@ def run_ptq(
     quant_config: QuantConfig | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    heldout: Tensor | Iterable | None = None,
 ) -> PTQResult:
     """Quantize a copy of ``p`` under ``plan`` and calibrate/reconstruct it on ``batches``.
 
     ``progress(done, total, q)``, when given, is called with done = 0 once the ranges are calibrated
     and after each reconstructed group of units (a search reports intermediate fidelities with it).
+    ``heldout``: images (a tensor, or batches) kept apart from ``batches``; with ``config.guard`` and
+    ``config.reconstruct`` the reconstructed model is checked against the round-to-nearest one on them
+    and the more faithful one is returned (see the module docstring).
     """
     config = config or PTQConfig()
     quant_config = quant_config or PROTOCOLS["ptq"].config
     _check_config(quant_config)
     start = time.perf_counter()
     data = as_batches(batches, device)
+    held = heldout_images(heldout) if heldout is not None else None
     p.eval()
     units = find_units(p, data[0][:1])  # P's units are Q's: layers are swapped in place
     check_k(units, config.modcap_k)
@@ -140,7 +161,25 @@ def run_ptq(
         result.groups = [[units[i].name for i in g] for g in groups]
         if progress is not None:
             progress(0, len(groups), q)
+        rtn = copy.deepcopy(q) if config.guard and held is not None else None  # the RTN start
         result.records = reconstruct_(q, p, data, units, groups, config.recon, progress)
+        if rtn is not None:
+            q = result.model = _guarded(result, p, rtn, q, held)
     result.unit_errors = unit_errors(q, p, units, data)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _guarded(result: PTQResult, p: nn.Module, rtn: nn.Module, q: nn.Module, held: Tensor) -> nn.Module:
+    """The model the guard keeps, with its record in ``result.guard``."""
+    result.guard = g = guard(p, rtn, q, held)
+    if g["kept"] == "rtn":
+        log.warning(
+            "reconstruction made Q less faithful to P on %d held-out images (logits' MSE %.4g, "
+            "round-to-nearest %.4g): keeping the round-to-nearest model",
+            g["images"], g["reconstructed"], g["rtn"],
+        )  # fmt: skip
+        return rtn
+    log.info("guard: the reconstruction is kept (held-out logits' MSE %.4g, round-to-nearest %.4g)",
+             g["reconstructed"], g["rtn"])  # fmt: skip
+    return q
