@@ -295,6 +295,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
         calibration=space.samples.calibration,
         preprocess=bundle.preprocess,
         memo=str(run_dir / "memo"),
+        heldout=samples.heldout,
     )
     starts = warm_starts(plans, space.search.warm_start)
     meta = {

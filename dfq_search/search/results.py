@@ -81,6 +81,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
             "seconds": _plain(m.get("seconds")),
             "wall_s": _plain(m.get("time_total_s")),
             "replayed": bool(m.get("replayed")),  # a repeated config, replayed from an earlier trial
+            "guard_kept": m.get("guard_kept"),  # PTQ's guard: "reconstructed" or "rtn" (None: not run)
             "reports": json.dumps(history),
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),

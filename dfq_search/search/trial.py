@@ -53,6 +53,7 @@ class TrialContext:
     calibration: int = 256  # how many to draw
     preprocess: Any = None  # P's Preprocess, kept in the checkpoints (a user model needs it to rebuild)
     memo: str | None = None  # folder of finished trials' results by config: a repeated config is replayed
+    heldout: Tensor | None = None  # held-out synthetic images, never calibrated on (PTQ's guard)
 
     def calibration_images(self) -> Tensor:
         return self.calib if self.calib is not None else self.draw(self.calibration)
@@ -176,8 +177,11 @@ class _Trial:
                 self.emit(q)
 
         batches = list(torch.split(self.ctx.calibration_images(), 64))
-        result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress)
+        result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress,
+                         heldout=self.ctx.heldout)  # fmt: skip
         self.extra = {"oscillation": result.oscillation, "rise": result.rise}
+        if result.guard is not None:  # "rtn" when reconstruction lost fidelity on the held-out images
+            self.extra["guard_kept"] = result.guard["kept"]
         return result.model
 
     def _qat(self, p: nn.Module, q: nn.Module | None, levels: int) -> nn.Module:

@@ -117,7 +117,11 @@ def test_result_rows_from_tune_results():
     }
     grid = [
         _result(
-            "t2", {"score": -0.2, "fidelity": 3, "seconds": 1.5}, config, [-0.5, -0.3, -0.2], checkpoint="/ck"
+            "t2",
+            {"score": -0.2, "fidelity": 3, "seconds": 1.5, "guard_kept": "rtn"},
+            config,
+            [-0.5, -0.3, -0.2],
+            checkpoint="/ck",
         ),
         _result("t1", {"score": -0.4, "fidelity": 2}, config, [-0.5, -0.4]),
         _result(
@@ -134,6 +138,7 @@ def test_result_rows_from_tune_results():
     assert json.loads(t2["plan"]) == plan
     assert json.loads(t2["params"]) == {"kind": "ptq", "ptq.iters": 5}
     assert t2["mean_weight_bits"] is None
+    assert t2["guard_kept"] == "rtn" and rows[0]["guard_kept"] is None  # PTQ's guard, when it ran
     t3 = rows[2]
     assert t3["score"] is None and json.loads(t3["reports"]) == [None]  # NaN is stored as null
     assert t3["error"] == "x"  # the last line of the error: the exception line of a remote traceback

@@ -90,6 +90,25 @@ def test_a_ptq_trial_reports_and_leaves_a_checkpoint(tiny):
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())  # P untouched
 
 
+def test_a_ptq_trial_guards_its_reconstruction_on_the_held_out_images(tiny, monkeypatch):
+    import dfq_search.ptq.pipeline as pipeline
+
+    seen, real = [], pipeline.guard
+
+    def forced(p, rtn, reconstructed, images):  # the real comparison, then RTN kept whatever it says
+        seen.append(images)
+        return {**real(p, rtn, reconstructed, images), "kept": "rtn"}
+
+    monkeypatch.setattr(pipeline, "guard", forced)
+    config = _config(tiny)
+    assert "guard_kept" not in run_trial(config, _ctx(tiny), Recorder())  # no held-out images: no guard
+    assert seen == []
+    ctx = _ctx(tiny)
+    ctx.heldout = ctx.scorer.images
+    final = run_trial(config, ctx, Recorder())
+    assert final["guard_kept"] == "rtn" and len(seen) == 1 and seen[0] is ctx.heldout
+
+
 def test_a_repeated_config_is_replayed_from_the_memo_without_compute(tiny, tmp_path, monkeypatch):
     ctx = _ctx(tiny)
     ctx.memo = str(tmp_path / "memo")
