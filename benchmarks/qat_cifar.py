@@ -10,9 +10,10 @@ Q's start (``--start``):
     ptq    post-training reconstruction (``run_ptq``: BRECQ, ``--ptq-iters`` steps per unit) on
            ``--ptq-images`` images synthesized by direct optimisation of P, every layer at the
            plan's bits (first and last included) but with MSE weight ranges (fixed: reconstruction
-           needs them). These images count against the sample budget: the game gets
-           ceil(ptq_images / batch) fewer iterations, so every method sees at most iterations x batch
-           synthetic samples in all.
+           needs them); with ``--heldout`` images, the round-to-nearest start instead when
+           reconstruction lowers the logits' fidelity to P on them (run_ptq's guard). These images
+           count against the sample budget: the game gets ceil(ptq_images / batch) fewer
+           iterations, so every method sees at most iterations x batch synthetic samples in all.
 
 Rows:
 
@@ -234,16 +235,18 @@ class Starts:
                         PROTOCOLS["generative"].config, start, seed=seed, device=self.device)  # fmt: skip
             return q, 0.0
         if (bits, seed) not in self.ptq:
-            calib, _, synth_s = self.synthetic(seed)
+            calib, heldout, synth_s = self.synthetic(seed)
             calib = calib[: self.args.ptq_images]
             # every layer at the bits (generative plan), weight ranges MSE-searched and fixed
             plan = PROTOCOLS["generative"].plan(self.layers, LayerBits(bits, bits))
             qcfg = dataclasses.replace(PROTOCOLS["generative"].config, weight_range="mse")
             cfg = PTQConfig(recon=ReconConfig(iters=self.args.ptq_iters, seed=seed))
             torch.manual_seed(seed)
-            res = run_ptq(self.bundle.model, plan, list(calib.split(64)), cfg, qcfg, self.device)
-            print(f"W{bits}A{bits} PTQ start seed {seed}: {res.seconds:.1f} s (+ synthesis {synth_s:.1f} s)",
-                  flush=True)  # fmt: skip
+            # the guard keeps the RTN start if reconstruction loses fidelity on the held-out images
+            res = run_ptq(self.bundle.model, plan, list(calib.split(64)), cfg, qcfg, self.device,
+                          heldout=heldout if self.args.heldout else None)  # fmt: skip
+            print(f"W{bits}A{bits} PTQ start seed {seed}: {res.seconds:.1f} s (+ synthesis {synth_s:.1f} s), "
+                  f"guard {res.guard}", flush=True)  # fmt: skip
             self.ptq[(bits, seed)] = (res.model, res.seconds + synth_s)
         q, seconds = self.ptq[(bits, seed)]
         return copy.deepcopy(q), seconds
