@@ -7,7 +7,14 @@ have a fused backward (:class:`_Moments`), so the hooks add little to a generato
 
     L_BNS = (1/L) Σ_l  mean_c (μ_lc − running_mean_lc)² + mean_c (σ²_lc − running_var_lc)²
 
-With ``use_std`` the second term compares σ with sqrt(running_var) (ZeroQ's variant). Hooks live only
+With ``use_std`` the second term compares σ with sqrt(running_var) (ZeroQ's variant). With ``relative``
+both terms are measured in units of the layer's own spread, per channel c (σ²_r = running_var):
+
+    (μ_lc − μ_r,lc)² / σ²_r,lc   and   ((σ²_lc − σ²_r,lc) / σ²_r,lc)²   (or ((σ_lc − σ_r,lc) / σ_r,lc)²)
+
+so the loss does not depend on the scale of a layer's activations: a network whose BN inputs have
+variances of 0.1 (mnist_dwnet) weighs its layers, and the loss against the image priors, as one whose
+variances are 10 does (the absolute form lets small-variance layers and models go unmatched). Hooks live only
 inside :func:`bn_statistics`, a context manager that always removes them, even after an exception.
 """
 
@@ -139,13 +146,22 @@ def _spread(var: Tensor, running_var: Tensor, use_std: bool, eps: float) -> Tens
     return var - running_var
 
 
-def bn_loss(stats: BNStats, use_std: bool = False, eps: float = 1e-5) -> Tensor:
+def _layer_loss(mean: Tensor, var: Tensor, r: BNRecord, use_std: bool, relative: bool, eps: float) -> Tensor:
+    """One layer's term of L_BNS (per channel, averaged over the channels; [B] for [B, C] input)."""
+    spread = _spread(var, r.running_var, use_std, eps)
+    shift = mean - r.running_mean
+    if relative:
+        scale = r.running_var + eps
+        shift, spread = shift / scale.sqrt(), spread / (scale.sqrt() if use_std else scale)
+    return shift.pow(2).mean(-1) + spread.pow(2).mean(-1)
+
+
+def bn_loss(stats: BNStats, use_std: bool = False, eps: float = 1e-5, relative: bool = False) -> Tensor:
     """L_BNS over the batch statistics (module docstring); 0 when they equal the running ones."""
     terms = []
     for r in stats.records:
         assert r.mean is not None and r.var is not None, "no batch statistics recorded"
-        spread = _spread(r.var, r.running_var, use_std, eps)
-        terms.append((r.mean - r.running_mean).pow(2).mean() + spread.pow(2).mean())
+        terms.append(_layer_loss(r.mean, r.var, r, use_std, relative, eps))
     return torch.stack(terms).mean()
 
 

@@ -40,6 +40,7 @@ class DirectConfig:
     l2_weight: float = 0.01
     jitter: int = 2
     use_std: bool = False
+    bn_relative: bool = False
     clamp: bool = True
     mean: tuple[float, ...] | None = None  # P's input normalization, for the clamp box; None = no box
     std: tuple[float, ...] | None = None
@@ -67,7 +68,11 @@ def _box(cfg: DirectConfig, channels: int, device: torch.device) -> tuple[Tensor
         return None
     mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
-    assert mean.shape[1] == channels, "mean/std do not match the input channels"
+    if mean.shape[1] != channels or std.shape[1] != channels:
+        raise DfqError(
+            "the pixel box's mean/std do not match the input channels", (cfg.mean, cfg.std),
+            f"one mean and one std per input channel ({channels})", "pass the model's preprocess",
+        )  # fmt: skip
     return -mean / std, (1 - mean) / std
 
 
@@ -91,7 +96,7 @@ def optimize_batch(
         for _ in range(cfg.iterations):
             logits = model(_roll(x, cfg.jitter, gen))
             terms = {
-                "bn": bn_loss(stats, cfg.use_std),
+                "bn": bn_loss(stats, cfg.use_std, relative=cfg.bn_relative),
                 "ce": F.cross_entropy(logits, y),
                 "tv": total_variation(x),
                 "l2": x.pow(2).mean(),

@@ -67,3 +67,24 @@ def test_hooks_removed_after_exception(tiny) -> None:
 def test_model_without_bn_is_refused() -> None:
     with pytest.raises(DfqError, match="BatchNorm"), bn_statistics(nn.Sequential(nn.Linear(2, 2))):
         pass
+
+
+def test_relative_bn_loss_is_zero_at_the_target_and_scale_free(tiny) -> None:
+    model, prep = tiny
+    with torch.no_grad(), bn_statistics(model) as stats:
+        model(torch.randn(32, *prep.shape))
+    for use_std in (False, True):
+        assert bn_loss(stats, use_std, relative=True).item() > 0
+    # Rescale every layer's target and statistics by s: the relative loss does not move, the absolute one
+    # scales by s² (mean term, and σ with use_std) or s⁴ (σ² term).
+    scaled = [(r.mean * 10, r.var * 100, r.running_mean * 10, r.running_var * 100) for r in stats.records]
+    before = {u: (bn_loss(stats, u, 0.0, relative=True), bn_loss(stats, u, 0.0)) for u in (False, True)}
+    for r, (m, v, rm, rv) in zip(stats.records, scaled, strict=True):
+        r.mean, r.var, r.running_mean, r.running_var = m, v, rm, rv
+    for u in (False, True):
+        torch.testing.assert_close(bn_loss(stats, u, eps=0.0, relative=True), before[u][0])
+        assert bn_loss(stats, u, eps=0.0).item() > 50 * before[u][1].item()
+    for r in stats.records:
+        r.mean, r.var = r.running_mean.clone(), r.running_var.clone()
+    assert bn_loss(stats, relative=True).item() == 0.0
+    assert bn_loss(stats, use_std=True, relative=True).item() == 0.0

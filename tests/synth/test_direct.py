@@ -77,3 +77,26 @@ def test_bad_config_and_model_without_bn() -> None:
         DirectConfig(tv_weight=-1.0)
     with pytest.raises(DfqError, match="BatchNorm"):
         synthesize_images(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2), 3, 2)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "tiny_gray_dwnet"])
+def test_pixels_stay_in_the_box_of_1_and_3_channel_inputs(name, with_running_stats) -> None:
+    """Every synthetic pixel maps back into [0, 1] through the model's own mean/std, per channel."""
+    from dfq_search.models import create_model
+
+    bundle = create_model(name)
+    model, prep = with_running_stats(bundle.model, bundle.preprocess.shape), bundle.preprocess
+    std, mean = torch.tensor(prep.std).view(1, -1, 1, 1), torch.tensor(prep.mean).view(1, -1, 1, 1)
+    x, _ = synthesize_images(model, prep.shape, 10, 8, seed=0, preprocess=prep, **FAST)
+    pixels = x * std + mean
+    assert x.shape[1] == prep.channels
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    free = DirectConfig(clamp=False, **FAST)  # the box binds: without it pixels leave [0, 1]
+    x, _ = synthesize_images(model, prep.shape, 10, 8, seed=0, preprocess=prep, config=free)
+    assert ((x * std + mean - 0.5).abs() > 0.5 + 1e-3).any()
+
+
+def test_box_of_another_channel_count_is_refused(tiny) -> None:
+    model, prep = tiny
+    with pytest.raises(DfqError, match="channels"):
+        synthesize_images(model, prep.shape, 10, 2, config=DirectConfig(mean=(0.1,), std=(0.3,)), **FAST)
