@@ -128,7 +128,7 @@ def main() -> None:
     if args.iters is not None:
         base["ptq.iters"] = args.iters
     ctx = TrialContext(bundle.model, bundle.name, bundle.num_classes, bundle.preprocess.shape,
-                       samples.calib, FidelityScorer(bundle.model, samples.heldout), reports=1,
+                       samples.calib, FidelityScorer(bundle.model, samples.heldout, "kl"), reports=1,
                        device=args.device, preprocess=bundle.preprocess)  # fmt: skip
     plans = campaign_plans(args, run_dir)
     for w in args.uniform:

@@ -59,7 +59,8 @@ def setup(args):
     plans = PlanSpace(space, trace_layers(bundle.model, bundle.preprocess.example_input()))
     config = SpaceFunction(plans)(_FixedTrial())
     ctx = TrialContext(bundle.model, bundle.name, bundle.num_classes, bundle.preprocess.shape,
-                       samples.calib, FidelityScorer(bundle.model, samples.heldout), reports=3)  # fmt: skip
+                       samples.calib, FidelityScorer(bundle.model, samples.heldout, "kl"),
+                       reports=3)  # fmt: skip
     return space, plans, config, ctx
 
 

@@ -145,6 +145,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         from dfq_search.checkpoint import load_quantized
 
+        if args.plan is not None or args.bits is not None:  # the checkpoint has its plan: they'd be ignored
+            raise DfqError("--checkpoint with --plan/--bits", str(args.plan or args.bits),
+                           "a checkpoint (it holds its own plan) or a plan, not both",
+                           "drop --plan/--bits")  # fmt: skip
+
         model, _ = load_quantized(args.checkpoint, s.device)
     elif args.plan is not None or args.bits is not None:
         plan, model = _plan(args, s.bundle), None

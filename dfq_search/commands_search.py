@@ -18,12 +18,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         raise DfqError("--time-budget", args.time_budget, "seconds > 0", "pass e.g. --time-budget 600")
     if args.sampler is not None:
-        from dfq_search.search.space import SAMPLERS
+        from dfq_search.search.space import check_sampler
 
-        if args.sampler not in SAMPLERS:
-            from dfq_search.errors import unknown_name
-
-            raise unknown_name("sampler", args.sampler, SAMPLERS, "pass --sampler tpe (or another listed)")
+        check_sampler(args.sampler, "--sampler")
     if args.name is not None and (
         args.name in ("", ".", "..") or any(c in args.name for c in "/\\\0") or args.name != args.name.strip()
     ):

@@ -175,6 +175,39 @@ def _c_space_lambda_order(t):
     return Case(_run(t, p), ("lambda_l", "lambda_u", "0.7"), [p])
 
 
+def _c_space_loss_knob_the_preset_ignores(t):  # was dropped silently for every preset but adadfq
+    p = _space(t, _set("method", {"kind": "qat", "qat": {"preset": "gdfq", "lambda_l": 0.2}}))
+    return Case(_run(t, p), ("method.qat.lambda_l", "'gdfq'", "would ignore lambda_l"), [p])
+
+
+def _c_space_knobs_of_a_method_not_run(t):  # method.qat with kind ptq: no trial would read them
+    p = _space(t, _set("method.qat", {"q_lr": 1e-3}))
+    return Case(_run(t, p), ("method.qat knobs", "['ptq']", "q_lr"), [p])
+
+
+def _c_space_samples_key_the_source_ignores(t):  # samples.iterations with gaussian samples: ignored
+    p = _space(t, _set("samples.iterations", 50))
+    return Case(_run(t, p), ("samples.iterations", "gaussian", "50"), [p])
+
+
+def _c_space_cmaes(t):  # CMA-ES on categorical bits: used to run a random sampler instead
+    p = _space(t, _set("search.sampler", "cmaes"))
+    return Case(_run(t, p), ("search.sampler 'cmaes'", "categorical"), [p])
+
+
+def _c_space_top1_without_val_data(t):  # used to score the label-free MSE instead
+    p = _space(t, _set("objective.metric", "top1"))
+    return Case(_run(t, p, "--name", "m"), ("top1 needs labelled", "--val-data"), [p],
+                absent=[t / "store" / "m" / "campaign.json"])  # fmt: skip
+
+
+def _c_space_label_free_metric_with_val_data(t):  # used to score top1 instead of the metric asked
+    data = _folder(t, 2)
+    argv = _run(t, "tiny_smoke", "--val-data", str(data), "--name", "m")  # tiny_smoke: metric kl
+    return Case(argv, ("metric kl is label-free", "--val-data"), [data],
+                absent=[t / "store" / "m" / "campaign.json"])  # fmt: skip
+
+
 def _c_space_impossible_budget(t):
     p = _space(t, _set("budget", {"max_size_kib": 0.01}))
     return Case(_run(t, p), ("impossible budget", "max_size_kib: 0.01"), [p])
@@ -231,6 +264,10 @@ def _c_run_num_cpus_zero(t):
 
 def _c_run_unknown_sampler(t):
     return Case(_run(t, "tiny_smoke", "--sampler", "tpee"), ("sampler", "tpee", "did you mean 'tpe'"))
+
+
+def _c_run_cmaes_sampler(t):
+    return Case(_run(t, "tiny_smoke", "--sampler", "cmaes"), ("--sampler 'cmaes'", "categorical"))
 
 
 def _c_run_unknown_model(t):
@@ -372,6 +409,11 @@ def _c_eval_missing_data(t):
 
 def _c_eval_missing_checkpoint(t):
     return Case(["eval", "--checkpoint", str(t / "q.pt")], ("checkpoint not found", "q.pt"))
+
+
+def _c_eval_checkpoint_and_bits(t):  # --bits used to be ignored beside a checkpoint
+    argv = ["eval", "--model", "tiny_cnn", "--checkpoint", str(t / "q.pt"), "--bits", "W4A4"]
+    return Case(argv, ("--checkpoint with --plan/--bits", "W4A4"))
 
 
 def _c_eval_checkpoint_is_weights(t):

@@ -41,7 +41,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GPSampler(**kwargs)
     if name == "qmc":
         return optuna.samplers.QMCSampler(**kwargs)
-    return optuna.samplers.RandomSampler(**kwargs)
+    if name == "random":
+        return optuna.samplers.RandomSampler(**kwargs)
+    raise ValueError(f"sampler {name!r} is not one of dfq_search.search.space.SAMPLERS")  # checked before
 
 
 def _trainable(config: dict[str, Any], ctx: TrialContext) -> None:

@@ -210,6 +210,19 @@ def _label_free(space: SearchSpace, run_dir: Path, resume: bool) -> str:
     return DEFAULT_LABEL_FREE
 
 
+def _check_metric(metric: str, labelled: bool) -> None:
+    """Refuse an objective the data cannot give: top1 without labelled images, or a label-free metric
+    beside labelled images (they would score top1 instead)."""
+    if metric == "top1" and not labelled:
+        raise DfqError("objective.metric top1 needs labelled validation images", metric,
+                       f"top1 with --val-data, or a label-free metric ({', '.join(LABEL_FREE)}) or auto",
+                       "pass --val-data DIR, or set objective.metric: auto")  # fmt: skip
+    if metric in LABEL_FREE and labelled:
+        raise DfqError(f"objective.metric {metric} is label-free, and --val-data was given", metric,
+                       "top1 or auto with --val-data (scored on it); a label-free metric without it",
+                       "set objective.metric: auto (top1 on --val-data), or drop --val-data")  # fmt: skip
+
+
 def _sample_grid(folder: Path, bundle: ModelBundle, calib: torch.Tensor, heldout: torch.Tensor) -> None:
     """The campaign's synthetic samples as TensorBoard image grids (calibration and held-out)."""
     from dfq_search.qat.reporter import TensorBoardReporter
@@ -258,6 +271,7 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
                 f"{flag} has more classes than {bundle.name} outputs", len(data.classes),
                 f"at most {bundle.num_classes} class folders", f"pass the right {flag} or --num-classes",
             )  # fmt: skip
+    _check_metric(space.objective.metric, val is not None)
     draw = None
     if space.samples.source == "generator":
         from dfq_search import distributed

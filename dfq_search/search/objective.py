@@ -39,7 +39,9 @@ DEFAULT_LABEL_FREE = "mse"
 class FidelityScorer:
     """Agreement, KL(P ‖ Q) and the logits' MSE on held-out synthetic images (in P's input space)."""
 
-    def __init__(self, p: nn.Module, images: Tensor, metric: str = "kl", batch_size: int = 256) -> None:
+    def __init__(
+        self, p: nn.Module, images: Tensor, metric: str = DEFAULT_LABEL_FREE, batch_size: int = 256
+    ) -> None:
         if metric not in LABEL_FREE:
             raise DfqError("label-free metric", metric, f"one of {LABEL_FREE}", "top1 needs --val-data")
         self.images, self.metric, self.batch_size = images.cpu(), metric, batch_size

@@ -28,27 +28,35 @@ from typing import Any
 import yaml
 
 from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
+from dfq_search.ptq.config import ACT_RANGES, CAPACITIES, PTQConfig, ReconConfig
 from dfq_search.quant.quantizers import ALLOWED_BITS
 from dfq_search.search.knobs import Knob, number, one_of, parse_knob
 
 SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search", "resources")
 KINDS = ("ptq", "qat", "ptq+qat")
-SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp", "cmaes")
+SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp")
+# Samplers refused with the reason (Optuna has them, but not for this search).
+UNFIT_SAMPLERS = {
+    "cmaes": "CMA-ES samples only numeric parameters, and every bit width of a plan is categorical: Optuna "
+    "would draw them with an independent random sampler, so the search would be random search",
+}
 SOURCES = ("direct", "gaussian", "bank", "generator")
 METRICS = ("auto", "top1", "agreement", "kl", "mse")
 WARM_STARTS = ("uniform", "sensitivity")
 BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
 SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
-# name -> (check, default) of every knob of method.ptq and method.qat
+# name -> (check, default) of every knob of method.ptq and method.qat; a PTQ knob's default is its
+# config's (PTQConfig, ReconConfig); a game-loss knob with default None is the preset's unless given
+_PTQ, _RECON = PTQConfig(), ReconConfig()
 PTQ_KNOBS: dict[str, tuple[Any, Any]] = {
-    "modcap_k": (number("method.ptq.modcap_k", 0, 64, integer=True), 0),
-    "capacity": (one_of("method.ptq.capacity", ("data", "free")), "data"),
-    "iters": (number("method.ptq.iters", 1, 10**6, integer=True), 200),
-    "batch_size": (number("method.ptq.batch_size", 1, 4096, integer=True), 32),
-    "act_range": (one_of("method.ptq.act_range", ("minmax", "percentile", "mse")), "percentile"),
-    "qdrop": (number("method.ptq.qdrop", 0.0, 0.99), 0.0),
-    "lam": (number("method.ptq.lam", 0.0, 10.0), 0.01),
+    "modcap_k": (number("method.ptq.modcap_k", 0, 64, integer=True), _PTQ.modcap_k),
+    "capacity": (one_of("method.ptq.capacity", CAPACITIES), _PTQ.capacity),
+    "iters": (number("method.ptq.iters", 1, 10**6, integer=True), _RECON.iters),
+    "batch_size": (number("method.ptq.batch_size", 1, 4096, integer=True), _RECON.batch_size),
+    "act_range": (one_of("method.ptq.act_range", ACT_RANGES), _PTQ.act_range),
+    "qdrop": (number("method.ptq.qdrop", 0.0, 0.99), _RECON.qdrop),
+    "lam": (number("method.ptq.lam", 0.0, 10.0), _RECON.lam),
 }
 QAT_KNOBS: dict[str, tuple[Any, Any]] = {
     "preset": (one_of("method.qat.preset", ("adadfq", "gdfq", "dsg", "adasg", "lrq")), "adadfq"),
@@ -57,12 +65,31 @@ QAT_KNOBS: dict[str, tuple[Any, Any]] = {
     "warmup": (number("method.qat.warmup", 0, 10**7, integer=True), 50),
     "batch_size": (number("method.qat.batch_size", 1, 4096, integer=True), 32),
     "q_lr": (number("method.qat.q_lr", 0.0, 1.0), 1e-4),
-    "lambda_l": (number("method.qat.lambda_l", 0.0, 1.0), 0.1),
-    "lambda_u": (number("method.qat.lambda_u", 0.0, 1.0), 0.8),
-    "disagree": (number("method.qat.disagree", 0.0, 100.0), 0.2),
-    "agree": (number("method.qat.agree", 0.0, 100.0), 0.1),
-    "bns": (number("method.qat.bns", 0.0, 100.0), 1.0),
+    "lambda_l": (number("method.qat.lambda_l", 0.0, 1.0), None),
+    "lambda_u": (number("method.qat.lambda_u", 0.0, 1.0), None),
+    "disagree": (number("method.qat.disagree", 0.0, 100.0), None),
+    "agree": (number("method.qat.agree", 0.0, 100.0), None),
+    "bns": (number("method.qat.bns", 0.0, 100.0), None),
 }
+# the sample-loss term each game-loss knob acts on: a preset without that term would ignore it
+LOSS_TERM = {
+    "lambda_l": "margin",
+    "lambda_u": "margin",
+    "disagree": "disagree",
+    "agree": "agree",
+    "bns": "bns",
+}
+
+
+def check_sampler(name: Any, where: str) -> str:
+    """``name`` if it is a sampler of the search; one Optuna has but unfit here is refused with why."""
+    if name in UNFIT_SAMPLERS:
+        raise DfqError(f"{where} {name!r} cannot search this space", name, UNFIT_SAMPLERS[name],
+                       f"set {where} to one of {', '.join(SAMPLERS)} (tpe models categorical "
+                       "choices)")  # fmt: skip
+    if name not in SAMPLERS:
+        raise unknown_name("sampler", str(name), SAMPLERS, f"set {where} to one of them")
+    return name
 
 
 def _section(data: Mapping, name: str, allowed: tuple[str, ...] | list[str]) -> dict:
@@ -236,17 +263,61 @@ def _method(section: dict) -> tuple[Knob, dict[str, Knob], dict[str, Knob]]:
             {
                 k: parse_knob(f"{part}.{k}", raw.get(k, default), check)
                 for k, (check, default) in table.items()
+                if k in raw or default is not None
             }
         )
-    lo, hi = knobs[1]["lambda_l"].values(), knobs[1]["lambda_u"].values()
-    if max(lo) >= min(hi):
-        raise DfqError(
-            "method.qat lambda_l / lambda_u",
-            (list(lo), list(hi)),
-            "every lambda_l below every lambda_u, both in [0, 1]",
-            "e.g. lambda_l: {low: 0.0, high: 0.4}, lambda_u: {low: 0.6, high: 1.0}",
-        )
+        if raw and not any(part in k for k in kind.values()):
+            raise DfqError(f"method.{part} knobs with method.kind {list(kind.values())}", sorted(raw),
+                           f"a kind that runs {part} ({', '.join(k for k in KINDS if part in k)}): no "
+                           "trial would use them",
+                           f"drop method.{part}, or add a kind with {part}")  # fmt: skip
+    _check_loss_knobs(knobs[1])
     return kind, knobs[0], knobs[1]
+
+
+def _check_loss_knobs(qat: dict[str, Knob]) -> None:
+    """Refuse a game-loss knob that a preset of the space would ignore (it lacks the knob's term), and
+    margin bounds that can cross (each bound not given is the preset's)."""
+    from dfq_search.qat.config import load_config
+
+    for preset in qat["preset"].values():
+        loss = load_config(preset).sample_loss
+        for name in (k for k in LOSS_TERM if k in qat):
+            if LOSS_TERM[name] not in loss.weights:
+                raise DfqError(
+                    f"method.qat.{name} with preset {preset!r}",
+                    list(qat[name].values()),
+                    f"a preset whose sample loss has the {LOSS_TERM[name]!r} term "
+                    f"({preset}'s terms: {', '.join(loss.weights)}): {preset} would ignore {name}",
+                    f"drop {name}, or use a preset with that term (e.g. adadfq)",
+                )
+        lo = qat["lambda_l"].values() if "lambda_l" in qat else (loss.lambda_l,)
+        hi = qat["lambda_u"].values() if "lambda_u" in qat else (loss.lambda_u,)
+        if max(lo) >= min(hi):
+            raise DfqError(
+                f"method.qat lambda_l / lambda_u (preset {preset})",
+                (list(lo), list(hi)),
+                "every lambda_l below every lambda_u, both in [0, 1] (a bound not given is the preset's)",
+                "e.g. lambda_l: {low: 0.0, high: 0.4}, lambda_u: {low: 0.6, high: 1.0}",
+            )
+
+
+# keys of samples and resources that only some sample sources read
+READ_BY = {
+    "samples": {"bank": "bank", "iterations": "direct", "generators": "generator",
+                "generator_steps": "generator", "keep_after": "generator"},
+    "resources": {"worker_cpu": "generator", "worker_gpu": "generator"},
+}  # fmt: skip
+
+
+def _refuse_unread(data: Mapping, source: str) -> None:
+    """Refuse a key given for a sample source other than the campaign's (it would be ignored)."""
+    for section, keys in READ_BY.items():
+        for key, reader in keys.items():
+            if key in (data.get(section) or {}) and reader != source:
+                raise DfqError(f"{section}.{key} with samples.source {source}", data[section][key],
+                               f"{key} only with samples.source: {reader} ({source} would ignore it)",
+                               f"drop {section}.{key}, or set samples.source: {reader}")  # fmt: skip
 
 
 def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
@@ -284,6 +355,7 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
     )
     if samples.source == "bank" and not samples.bank:
         raise DfqError("samples.bank", None, "a bank URI when source is 'bank'", "add samples.bank: <path>")
+    _refuse_unread(data, samples.source)
     objective = _typed(
         Objective,
         _section(data, "objective", Objective.__dataclass_fields__),
@@ -296,8 +368,8 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         },
     )
     search = _section(data, "search", Search.__dataclass_fields__)
-    if search.get("sampler") is not None and search["sampler"] not in SAMPLERS:
-        raise unknown_name("sampler", str(search["sampler"]), SAMPLERS, "set search.sampler to one of them")
+    if search.get("sampler") is not None:
+        check_sampler(search["sampler"], "search.sampler")
     warm = search.get("warm_start", Search.warm_start)
     for w in warm if isinstance(warm, list | tuple) else [warm]:
         if w not in WARM_STARTS:

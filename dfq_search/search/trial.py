@@ -227,7 +227,12 @@ class _Trial:
 
 
 def _game_overrides(k: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The game config of a trial's ``qat.`` knobs (margin bounds and weights: AdaDFQ's terms)."""
+    """The game config of a trial's ``qat.`` knobs: the schedule, and the sample-loss knobs the space
+    gave (margin bounds, term weights), applied to the preset's own values (the space refuses a knob
+    whose term the preset lacks: nothing given is dropped here)."""
+    from dfq_search.qat import load_config
+    from dfq_search.search.space import LOSS_TERM
+
     out: dict[str, Any] = {
         "source": {"name": k["generator"]},
         "train": {
@@ -240,15 +245,17 @@ def _game_overrides(k: dict[str, Any], seed: int) -> dict[str, Any]:
             "q_lr_milestones": [],
         },
     }
-    if k["preset"] == "adadfq":
-        out["sample_loss"] = {
-            "lambda_l": float(k["lambda_l"]),
-            "lambda_u": float(k["lambda_u"]),
-            "weights": {
-                "margin": 1.0,
-                "disagree": float(k["disagree"]),
-                "agree": float(k["agree"]),
-                "bns": float(k["bns"]),
-            },
-        }
+    given = {name: float(k[name]) for name in LOSS_TERM if name in k}
+    if not given:
+        return out
+    weights = dict(load_config(k["preset"]).sample_loss.weights)
+    for name, value in given.items():
+        if LOSS_TERM[name] not in weights:
+            # refused by the space before any trial
+            raise ValueError(f"qat.{name}: preset {k['preset']} has no {LOSS_TERM[name]!r} term")
+        if name in ("lambda_l", "lambda_u"):
+            out.setdefault("sample_loss", {})[name] = value
+        else:
+            weights[name] = value
+    out.setdefault("sample_loss", {})["weights"] = weights
     return out

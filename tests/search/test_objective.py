@@ -35,7 +35,7 @@ def _w2(p, images):
 
 def test_p_itself_is_perfectly_faithful(p_and_images):
     p, images = p_and_images
-    scorer = FidelityScorer(p, images)
+    scorer = FidelityScorer(p, images, "kl")
     r = scorer(p)
     assert r["agreement"] == 100.0 and r["kl"] == pytest.approx(0.0, abs=1e-6)
     assert r["score"] == pytest.approx(-r["kl"]) and r["n_scored"] == 40
@@ -46,7 +46,7 @@ def test_p_itself_is_perfectly_faithful(p_and_images):
 def test_a_two_bit_copy_scores_lower(p_and_images):
     p, images = p_and_images
     q = _w2(p, images)
-    kl_scorer, agree_scorer = FidelityScorer(p, images), FidelityScorer(p, images, "agreement")
+    kl_scorer, agree_scorer = FidelityScorer(p, images, "kl"), FidelityScorer(p, images, "agreement")
     r = kl_scorer(q)
     assert r["kl"] > 1e-3 and r["score"] < kl_scorer(p)["score"]
     assert r["agreement"] < 100.0 and agree_scorer(q)["score"] == r["agreement"]

@@ -63,7 +63,7 @@ def test_modcap_k_larger_than_the_model_allows_is_refused_before_compute():
     _check_modcap(space, bundle, example)
     with pytest.raises(DfqError, match=r"modcap_k too large for tiny_resnet.*\[0, 2\]"):
         _check_modcap(bad, bundle, example)
-    qat_only = parse_space({**_raw("tiny_smoke"), "method": {"kind": "qat", "ptq": {"modcap_k": [0, 2]}}})
+    qat_only = parse_space({**_raw("tiny_smoke"), "method": {"kind": "qat"}})
     _check_modcap(qat_only, bundle, example)  # no PTQ, nothing to check
 
 
@@ -76,7 +76,7 @@ def test_defaults_and_knob_order():
     assert all(k.fixed for k in space.knobs())
     assert space.ptq["modcap_k"].value == PTQ_KNOBS["modcap_k"][1]
     both = _space(method={"kind": ["ptq", "qat"]})
-    assert [k.name for k in both.knobs()][-1] == "qat.bns"
+    assert [k.name for k in both.knobs()][-1] == "qat.q_lr"  # the loss knobs are the preset's unless given
     assert not both.kind.fixed
     qat = _space(method={"kind": "qat"})
     assert not any(k.name.startswith("ptq.") for k in qat.knobs())
@@ -149,7 +149,7 @@ def test_repeated_and_empty_choices_are_refused():
 def test_bad_ranges_are_refused():
     _refused(
         r"range of 'qat.q_lr'.*'low': 0.001.*low <= high",
-        method={"qat": {"q_lr": {"low": 1e-3, "high": 1e-4}}},
+        method={"kind": "qat", "qat": {"q_lr": {"low": 1e-3, "high": 1e-4}}},
     )
     _refused(
         r"log range of 'qat.q_lr'.*low > 0",
@@ -165,14 +165,69 @@ def test_bad_ranges_are_refused():
 def test_lambda_ranges_must_not_overlap():
     err = _refused(
         r"lambda_l / lambda_u.*\[0.0, 0.7\], \[0.6, 1.0\]",
-        method={"qat": {"lambda_l": {"low": 0.0, "high": 0.7}, "lambda_u": {"low": 0.6, "high": 1.0}}},
-    )
+        method={"kind": "qat",
+                "qat": {"lambda_l": {"low": 0.0, "high": 0.7}, "lambda_u": {"low": 0.6, "high": 1.0}}},
+    )  # fmt: skip
     assert "Fix:" in str(err)
-    _refused("lambda_l / lambda_u", method={"qat": {"lambda_l": 0.5, "lambda_u": [0.5, 0.9]}})
+    _refused("lambda_l / lambda_u", method={"kind": "qat", "qat": {"lambda_l": 0.5, "lambda_u": [0.5, 0.9]}})
+    # a bound not given is the preset's (adadfq: lambda_u 0.8)
+    _refused(r"lambda_l / lambda_u.*\[0.0, 0.9\], \[0.8\]",
+             method={"kind": "qat", "qat": {"lambda_l": {"low": 0.0, "high": 0.9}}})  # fmt: skip
     ok = _space(
-        method={"qat": {"lambda_l": {"low": 0.0, "high": 0.4}, "lambda_u": {"low": 0.6, "high": 1.0}}}
-    )
+        method={"kind": "qat",
+                "qat": {"lambda_l": {"low": 0.0, "high": 0.4}, "lambda_u": {"low": 0.6, "high": 1.0}}}
+    )  # fmt: skip
     assert ok.qat["lambda_l"].values() == (0.0, 0.4)
+
+
+@pytest.mark.parametrize("knob", ["lambda_l", "lambda_u", "agree", "disagree"])
+def test_a_loss_knob_the_preset_would_ignore_is_refused(knob):
+    """gdfq's sample loss has no margin, disagreement or agreement term: the knob used to be dropped."""
+    value = 0.9 if knob == "lambda_u" else 0.1
+    err = _refused(rf"method.qat.{knob} with preset 'gdfq'.*gdfq would ignore {knob}",
+                   method={"kind": "qat", "qat": {"preset": ["adadfq", "gdfq"], knob: value}})  # fmt: skip
+    assert "ce, bns" in str(err)
+    _space(method={"kind": "qat", "qat": {"preset": "adadfq", knob: value}})
+    if knob != "agree":  # adasg has the margin and the disagreement terms
+        _space(method={"kind": "qat", "qat": {"preset": "adasg", knob: value}})
+    _space(method={"kind": "qat", "qat": {"preset": ["gdfq", "dsg", "lrq"]}})  # not given: nothing to refuse
+
+
+def test_knobs_of_a_method_no_kind_runs_are_refused():
+    _refused(r"method.qat knobs with method.kind \['ptq'\].*no trial would use them",
+             method={"qat": {"q_lr": 1e-3}})  # fmt: skip
+    _refused(r"method.ptq knobs with method.kind \['qat'\]", method={"kind": "qat", "ptq": {"iters": 5}})
+    _space(method={"kind": ["ptq", "qat"], "ptq": {"iters": 5}, "qat": {"q_lr": 1e-3}})
+
+
+def test_a_samples_key_the_source_would_ignore_is_refused():
+    _refused(r"samples.iterations with samples.source gaussian.*only with samples.source: direct",
+             samples={"source": "gaussian", "iterations": 5})  # fmt: skip
+    _refused(r"samples.generators with samples.source direct", samples={"generators": ["gdfq"]})
+    _refused(r"resources.worker_gpu with samples.source direct", resources={"worker_gpu": 1})
+    _refused(r"samples.bank with samples.source direct", samples={"bank": "b"})
+    gen = {"source": "generator", "generators": ["gdfq"], "keep_after": 3}
+    _space(samples=gen, resources={"worker_gpu": 1})
+    _space(samples={"source": "direct", "iterations": 5})
+
+
+def test_cmaes_is_refused_with_the_reason():
+    """CMA-ES would sample every (categorical) bit width at random: it used to run a random sampler."""
+    err = _refused(r"search.sampler 'cmaes' cannot search.*categorical", search={"sampler": "cmaes"})
+    assert "tpe" in err.fix
+    _refused(r"unknown sampler.*tpe", search={"sampler": "cma"})
+
+
+def test_ptq_defaults_are_the_configs():
+    """One default per setting: the space's PTQ knobs default to PTQConfig's and ReconConfig's."""
+    from dfq_search.ptq import PTQConfig, ReconConfig
+
+    space = _space()
+    ptq, recon = PTQConfig(), ReconConfig()
+    assert space.ptq["iters"].value == recon.iters == 300
+    assert space.ptq["batch_size"].value == recon.batch_size and space.ptq["lam"].value == recon.lam
+    assert space.ptq["qdrop"].value == recon.qdrop
+    assert (space.ptq["act_range"].value, space.ptq["capacity"].value) == (ptq.act_range, ptq.capacity)
 
 
 def test_budget_checks():

@@ -47,8 +47,10 @@ def _ctx(tiny, reports=3, scorer=None):
 
 def _config(tiny, kind="ptq", seed=0, **budget):
     raw = yaml.safe_load((SPACE_DIR / "tiny_smoke.yaml").read_text())
-    raw["method"]["kind"] = kind
-    raw["method"]["qat"] = QAT
+    raw["method"] = {"kind": kind, "ptq": raw["method"]["ptq"], "qat": QAT}
+    for part in ("ptq", "qat"):
+        if part not in kind:  # knobs of a method no kind runs are refused
+            del raw["method"][part]
     if budget:
         raw["budget"] = budget
     layers = trace_layers(tiny.model, tiny.preprocess.example_input())
@@ -153,6 +155,27 @@ def test_fine_tuning_trials_report_ctx_reports_times(tiny, kind):
     q, meta = report.reloaded
     assert meta["plan"].to_dict() == config["plan"]
     assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+
+
+def test_game_overrides_apply_the_loss_knobs_given_to_the_presets_own_terms():
+    """A margin bound or term weight given is applied to the preset (adasg too: it used to be dropped
+    for every preset but adadfq); one not given is the preset's."""
+    from dfq_search.qat import load_config
+    from dfq_search.search.trial import _game_overrides
+
+    base = {"generator": "gdfq", "steps": 4, "warmup": 2, "batch_size": 8, "q_lr": 1e-4}
+    for preset in ("adadfq", "adasg"):
+        given = {**base, "preset": preset, "lambda_l": 0.25, "disagree": 0.4}
+        cfg = load_config(preset, _game_overrides(given, 0))
+        own = load_config(preset).sample_loss
+        assert (cfg.sample_loss.lambda_l, cfg.sample_loss.lambda_u) == (0.25, own.lambda_u)
+        assert cfg.sample_loss.weights == {**own.weights, "disagree": 0.4}
+    gdfq = load_config("gdfq", _game_overrides({**base, "preset": "gdfq", "bns": 0.3}, 0))
+    assert gdfq.sample_loss.weights == {"ce": 1.0, "bns": 0.3}
+    plain = load_config("adadfq", _game_overrides({**base, "preset": "adadfq"}, 0))
+    assert plain.sample_loss == load_config("adadfq").sample_loss
+    with pytest.raises(ValueError, match="no 'margin' term"):
+        _game_overrides({**base, "preset": "gdfq", "lambda_l": 0.2}, 0)
 
 
 def test_an_infeasible_plan_reports_once_and_builds_nothing(tiny, monkeypatch):
