@@ -86,8 +86,12 @@ def campaign_samples(
         start = time.perf_counter()
         calib, heldout = _bank(bundle, cfg)
         return CampaignSamples(calib, heldout, time.perf_counter() - start, f"bank {cfg.bank}")
+    from dfq_search.synth.direct import DirectConfig
+
+    # the synthesizer's defaults are in the key: when they change, old samples are not taken for new
     key = json.dumps(
-        [model_fingerprint(bundle.model), asdict(cfg), list(bundle.preprocess.shape)], default=str
+        [model_fingerprint(bundle.model), asdict(cfg), list(bundle.preprocess.shape), repr(DirectConfig())],
+        default=str,
     )
     path = cache_dir() / "synth" / f"campaign-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if path.is_file():
