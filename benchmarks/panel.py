@@ -6,9 +6,11 @@ them; the ResNets' from ``../shared/data/weights``) and bit width (``--bits``), 
 then learned step sizes, BN not folded), rows (``--rows``):
 
     rtn      calibrated ranges on the synthetic images, round-to-nearest weights
-    brecq    AdaRound + BRECQ block reconstruction on the synthetic images
-    modcap   BRECQ + ModCap with k in {1, 2} chosen label-free: the k whose Q is closer to P (the
-             logits' MSE) on held-out synthetic images that no calibration saw
+    brecq    AdaRound + BRECQ block reconstruction on the synthetic images, guarded: ``run_ptq``
+             keeps the RTN model when it is closer to P (the logits' MSE) on held-out synthetic
+             images that no calibration saw
+    modcap   BRECQ + ModCap, guarded, with k in {1, 2} chosen label-free: the k whose kept model
+             is closer to P on the same held-out synthetic images
     real     the real-data reference: BRECQ on ``--n-images`` real training images (CIFAR:
              ``cifar10/train-5k``; MNIST: MNIST 5k's train split); not data-free
 
@@ -42,7 +44,6 @@ from dfq_search.models.zoo import RECIPES, load_split, zoo_weights
 from dfq_search.ptq import ReconConfig, run_ptq
 from dfq_search.quant import PROTOCOLS, parse_bits, trace_layers
 from dfq_search.report import format_table
-from dfq_search.search.objective import FidelityScorer
 
 MODELS = (*CIFAR_WEIGHTS, *RECIPES)
 ROWS = ("rtn", "brecq", "modcap", "real")
@@ -62,6 +63,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-images", type=int, default=None, help="CIFAR: score on this many test images")
     p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
     p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
+    p.add_argument(
+        "--synth-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other DirectConfig fields, e.g. lr=0.25 bn_relative=false (the earlier defaults)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -96,9 +104,9 @@ def real_batches(train: ImageData, n: int, seed: int, preprocess, device) -> lis
     return list(preprocess.normalize(train.images[pick]).to(device).split(64))
 
 
-def ptq(bundle, plan, data, row: str, args, seed: int, device):
+def ptq(bundle, plan, data, row: str, args, seed: int, device, heldout=None):
     torch.manual_seed(seed)
-    return run_ptq(bundle.model, plan, data, row_config(row, args), device=device)
+    return run_ptq(bundle.model, plan, data, row_config(row, args), device=device, heldout=heldout)
 
 
 def run_model(name: str, args, device) -> tuple[dict, list[dict]]:
@@ -109,13 +117,12 @@ def run_model(name: str, args, device) -> tuple[dict, list[dict]]:
     layers = trace_layers(bundle.model, bundle.preprocess.example_input(device=device))
     runs: dict = {}
     for seed in args.seeds:
-        synth, synth_s, scorer = None, 0.0, None
+        synth, synth_s, heldout = None, 0.0, None
         if any(r != "real" for r in args.rows):
             synth, synth_s = synthetic(bundle, args.n_images, seed, args, device)
             print(f"{name} seed {seed}: synthesis {synth_s:.1f} s", flush=True)
-        if "modcap" in args.rows:
-            heldout, _ = synthetic(bundle, args.heldout, seed + HELDOUT_SEED, args, device)
-            scorer = FidelityScorer(bundle.model, heldout.to(device), metric="mse")
+        if any(r in ("brecq", "modcap") for r in args.rows):
+            heldout = synthetic(bundle, args.heldout, seed + HELDOUT_SEED, args, device)[0].to(device)
         for bits in args.bits:
             plan = PROTOCOLS["ptq"].plan(layers, parse_bits(bits))
             for row in args.rows:
@@ -123,28 +130,33 @@ def run_model(name: str, args, device) -> tuple[dict, list[dict]]:
                     data = real_batches(train, args.n_images, seed, bundle.preprocess, device)
                 else:
                     data = list(synth.to(device).split(64))
-                rec = run_row(bundle, plan, data, row, args, seed, device, scorer)
+                rec = run_row(bundle, plan, data, row, args, seed, device, heldout)
                 rec.update(top1=ev(rec.pop("model")).top1, synth_s=0.0 if row == "real" else synth_s)
                 runs.setdefault((bits, row), []).append(rec)
-                print(f"{name} {bits} {row} seed {seed}: top-1 {rec['top1']:.2f} (FP {fp:.2f}), "
-                      f"k {rec['k']}, recon {rec['recon_s']:.1f} s", flush=True)  # fmt: skip
+                print(
+                    f"{name} {bits} {row} seed {seed}: top-1 {rec['top1']:.2f} (FP {fp:.2f}), k {rec['k']}, "
+                    f"kept {rec['kept']}, recon {rec['recon_s']:.1f} s",
+                    flush=True,
+                )
     return summarize(name, fp, len(test), runs, args)
 
 
-def run_row(bundle, plan, data, row: str, args, seed: int, device, scorer) -> dict:
-    """One row's quantized model, its ModCap k (None outside ``modcap``) and its seconds."""
-    if row != "modcap":
+def run_row(bundle, plan, data, row: str, args, seed: int, device, heldout) -> dict:
+    """One row's quantized model, its ModCap k (None outside ``modcap``), what the guard kept
+    ("rtn" or "reconstructed"; None unguarded) and the seconds."""
+    if row in ("rtn", "real"):
         res = ptq(bundle, plan, data, "rtn" if row == "rtn" else "brecq", args, seed, device)
-        return {"model": res.model, "k": None, "recon_s": res.seconds, "rise": res.rise}
-    tried = {}
-    for k in MODCAP_KS:
-        res = ptq(bundle, plan, data, f"modcap{k}", args, seed, device)
-        tried[k] = (scorer(res.model)["score"], res)
-    k = max(tried, key=lambda k: tried[k][0])  # score: −MSE, higher is closer to P
-    res = tried[k][1]
-    seconds = sum(r.seconds for _, r in tried.values())
-    return {"model": res.model, "k": k, "recon_s": seconds, "rise": res.rise,
-            "heldout_mse": {str(k): -s for k, (s, _) in tried.items()}}  # fmt: skip
+        return {"model": res.model, "k": None, "kept": None, "recon_s": res.seconds, "rise": res.rise}
+    ks = MODCAP_KS if row == "modcap" else (0,)
+    tried = {
+        k: ptq(bundle, plan, data, f"modcap{k}" if k else "brecq", args, seed, device, heldout) for k in ks
+    }
+    mse = {k: min(r.guard["rtn"], r.guard["reconstructed"]) for k, r in tried.items()}  # the kept model's
+    k = min(mse, key=mse.get)
+    res = tried[k]
+    return {"model": res.model, "k": k if row == "modcap" else None, "kept": res.guard["kept"],
+            "recon_s": sum(r.seconds for r in tried.values()), "rise": res.rise,
+            "heldout_mse": {str(k): v for k, v in mse.items()}}  # fmt: skip
 
 
 def summarize(name: str, fp: float, n_test: int, runs: dict, args) -> tuple[dict, list[dict]]:
@@ -152,7 +164,7 @@ def summarize(name: str, fp: float, n_test: int, runs: dict, args) -> tuple[dict
     by_bits: dict[str, dict] = {}
     for (bits, row), recs in runs.items():
         mean = {k: statistics.fmean(r[k] for r in recs) for k in ("top1", "synth_s", "recon_s", "rise")}
-        out["rows"][f"{bits}/{row}"] = {**mean, "per_seed": [{k: v for k, v in r.items()} for r in recs]}
+        out["rows"][f"{bits}/{row}"] = {**mean, "per_seed": recs}
         line = by_bits.setdefault(bits, {"model": name, "bits": bits, "FP": fp})
         line[row] = mean["top1"]
         if row == "modcap":

@@ -63,6 +63,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
     p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
     p.add_argument(
+        "--synth-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other DirectConfig fields, e.g. lr=0.25 bn_relative=false (the earlier defaults)",
+    )
+    p.add_argument(
         "--source",
         default="direct",
         choices=["direct", "generator"],
@@ -89,7 +96,8 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
 
     fingerprint = model_fingerprint(bundle.model)
     overrides = {"iterations": args.synth_iters, "batch_size": args.synth_batch}
-    config = DirectConfig(**{**DirectConfig().__dict__, **{k: v for k, v in overrides.items() if v}})
+    overrides = {**{k: v for k, v in overrides.items() if v}, **synth_settings(args.synth_set)}
+    config = DirectConfig(**{**DirectConfig().__dict__, **overrides})
     # the whole resolved config is in the key, so a change of the synthesizer's defaults is a new entry
     key = json.dumps([bundle.name, fingerprint, n, seed, repr(config)])
     if args.source == "generator":
@@ -111,6 +119,25 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     seconds = time.perf_counter() - t0
     atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
     return images, seconds
+
+
+def synth_settings(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as DirectConfig fields, each VALUE parsed as YAML (0.25, false, 4)."""
+    import dataclasses
+
+    import yaml
+
+    from dfq_search.errors import refuse_unknown_keys
+    from dfq_search.synth.direct import DirectConfig
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--synth-set takes KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    refuse_unknown_keys("DirectConfig", out, [f.name for f in dataclasses.fields(DirectConfig)])
+    return out
 
 
 def generator_images(bundle, n: int, seed: int, args, device) -> torch.Tensor:
