@@ -126,7 +126,7 @@ def main() -> None:
     )
     base = SpaceFunction(plans_space)(_First())
     if args.iters is not None:
-        base["ptq.iters"] = args.iters
+        base["ptq.recon.iters"] = args.iters
     ctx = TrialContext(bundle.model, bundle.name, bundle.num_classes, bundle.preprocess.shape,
                        samples.calib, FidelityScorer(bundle.model, samples.heldout, "kl"), reports=1,
                        device=args.device, preprocess=bundle.preprocess)  # fmt: skip
@@ -145,7 +145,7 @@ def main() -> None:
             print(f"{name} seed {seed}: A {r['A']:.2f} B {r['B']:.2f} ({r['seconds']:.0f} s)", flush=True)
     rows = [_summary(name, plan, runs[name]) for name, plan in plans.items()]
     _print_table(rows)
-    emit({"campaign": str(run_dir), "iters": base["ptq.iters"], "seeds": args.seeds,
+    emit({"campaign": str(run_dir), "iters": base["ptq.recon.iters"], "seeds": args.seeds,
           "device": args.device, "plans": rows})  # fmt: skip
 
 

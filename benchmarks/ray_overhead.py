@@ -51,7 +51,7 @@ def setup(args):
     space = parse_space({
         "bits": {"weight": {"_default": [bits.w], "_first_last": [8]},
                  "activation": {"_default": [bits.a], "_first_last": [8]}},
-        "method": {"kind": "ptq", "ptq": {"iters": args.iters}},
+        "method": {"kind": "ptq", "ptq": {"recon.iters": args.iters}},
         "samples": {"source": "direct", "calibration": args.calibration, "heldout": 256},
         "objective": {"reports": 3},
     })  # fmt: skip

@@ -82,7 +82,7 @@ def space_for(args, budget: int, sampler: str, seed: int):
     raw["bits"]["weight"]["_default"] = list(args.weight_choices)
     raw["bits"]["activation"]["_default"] = list(args.act_choices)
     raw["method"] = {"kind": "ptq", "ptq": {**raw["method"]["ptq"], "modcap_k": args.modcap_k,
-                                            "capacity": "data", "iters": args.iters}}  # fmt: skip
+                                            "capacity": "data", "recon.iters": args.iters}}  # fmt: skip
     raw["samples"]["calibration"] = args.calibration
     raw["search"] |= {"trials": args.trials, "sampler": sampler, "seed": seed,
                       "concurrency": args.concurrency}  # fmt: skip

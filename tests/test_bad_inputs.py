@@ -170,19 +170,29 @@ def _c_space_bits_outside_set(t):
 
 
 def _c_space_lambda_order(t):
-    edit = _set("method", {"kind": "qat", "qat": {"lambda_l": {"low": 0.7, "high": 0.9}, "lambda_u": 0.6}})
-    p = _space(t, edit)
+    bounds = {"sample_loss.lambda_l": {"low": 0.7, "high": 0.9}, "sample_loss.lambda_u": 0.6}
+    p = _space(t, _set("method", {"kind": "qat", "qat": bounds}))
     return Case(_run(t, p), ("lambda_l", "lambda_u", "0.7"), [p])
 
 
-def _c_space_loss_knob_the_preset_ignores(t):  # was dropped silently for every preset but adadfq
-    p = _space(t, _set("method", {"kind": "qat", "qat": {"preset": "gdfq", "lambda_l": 0.2}}))
-    return Case(_run(t, p), ("method.qat.lambda_l", "'gdfq'", "would ignore lambda_l"), [p])
+def _c_space_knob_the_preset_ignores(t):  # was dropped silently for every preset but adadfq
+    p = _space(t, _set("method", {"kind": "qat", "qat": {"preset": "gdfq", "sample_loss.lambda_l": 0.2}}))
+    return Case(_run(t, p), ("method.qat.sample_loss.lambda_l", "'gdfq'", "would ignore"), [p])
+
+
+def _c_space_knob_by_its_old_name(t):  # knobs are config paths since issue 15
+    p = _space(t, _set("method.ptq", {"iters": 5}))
+    return Case(_run(t, p), ("method.ptq.iters is now method.ptq.recon.iters", "rename iters"), [p])
+
+
+def _c_space_knob_no_config_has(t):
+    p = _space(t, _set("method.ptq", {"recon.itres": 5}))
+    return Case(_run(t, p), ("itres", "did you mean 'iters'"), [p])
 
 
 def _c_space_knobs_of_a_method_not_run(t):  # method.qat with kind ptq: no trial would read them
-    p = _space(t, _set("method.qat", {"q_lr": 1e-3}))
-    return Case(_run(t, p), ("method.qat knobs", "['ptq']", "q_lr"), [p])
+    p = _space(t, _set("method.qat", {"train.q_lr": 1e-3}))
+    return Case(_run(t, p), ("method.qat knobs", "['ptq']", "train.q_lr"), [p])
 
 
 def _c_space_samples_key_the_source_ignores(t):  # samples.iterations with gaussian samples: ignored
@@ -352,6 +362,13 @@ def _c_run_resume_changes_trials(t):
     run = _write(t / "store" / "old" / "campaign.json", '{"search": {"trials": 3, "sampler": "tpe"}}')
     argv = _run(t, "tiny_smoke", "--name", "old", "--resume", "--trials", "9")
     return Case(argv, ("cannot change its settings", "search.trials: 3 -> 9", "--name NEW"), [run.parent])
+
+
+def _c_run_resume_campaign_before_config_paths(t):  # its trials name knobs the trial no longer reads
+    meta = '{"space_resolved": {"ptq": {"iters": {"name": "ptq.iters", "choices": [5]}}}}'
+    run = _write(t / "store" / "old" / "campaign.json", meta)
+    argv = _run(t, "tiny_smoke", "--name", "old", "--resume")
+    return Case(argv, ("before search knobs became config paths", "--name NEW"), [run.parent])
 
 
 def _c_report_uri_not_campaign(t):

@@ -3,7 +3,9 @@
 A config file has four sections, ``source``, ``sample_loss``, ``q_loss`` and ``train``, each a
 dataclass below. ``load_config(preset_or_path, overrides)`` reads a preset (``gdfq``, ``dsg``,
 ``adasg``, ``adadfq``, ``lrq``) or a YAML file and applies overrides given as a nested dict or as
-dotted strings ``"train.iterations=200"`` (values parsed as YAML).
+dotted strings ``"train.iterations=200"`` (values parsed as YAML), then ``paths`` (``{"train.q_lr":
+1e-5}``, the search's knobs). A dotted path names one setting: ``sample_loss.weights.bns=0.3`` sets that
+term's weight and keeps the others (a nested ``weights`` mapping replaces them all).
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from typing import Any
 
 import yaml
 
+from dfq_search.config_paths import nest
 from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
 from dfq_search.qat.losses import QLossParams
 from dfq_search.synth.losses import TermKnobs
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("adadfq", "adasg", "dsg", "gdfq", "lrq")
+# the loss terms that read each knob of the sample and Q losses (dfq_search.synth.losses, .qat.losses):
+# a config none of whose active terms reads a knob ignores it
+READ_BY = {
+    "sample_loss": {"use_std": ("bns", "bns_sample"), "slack_eps": ("sda", "lse"), "lambda_l": ("margin",),
+                    "lambda_u": ("margin",), "ama_margin": ("ama",), "ama_scale": ("ama",)},
+    "q_loss": {"temperature": ("kd", "entropy"), "dkd_alpha": ("dkd",), "dkd_beta": ("dkd",),
+               "dkd_temperature": ("dkd",)},
+}  # fmt: skip
 
 
 @dataclass
@@ -112,14 +123,12 @@ def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
     return value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, into_weights: bool = False) -> dict:
+    """``extra`` over ``base``; a ``weights`` mapping replaces the base's unless ``into_weights``."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = (
-            _merge(out[k], v)
-            if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "weights"
-            else v
-        )
+        deeper = isinstance(v, dict) and isinstance(out.get(k), dict) and (k != "weights" or into_weights)
+        out[k] = _merge(out[k], v, into_weights) if deeper else v
     return out
 
 
@@ -145,8 +154,13 @@ def _dotted(overrides: list[str]) -> dict:
     return nested
 
 
-def load_config(preset: str | Path | None = None, overrides: dict | list[str] | None = None) -> GameConfig:
-    """A validated :class:`GameConfig` from a preset name or YAML path, then ``overrides``."""
+def load_config(
+    preset: str | Path | None = None,
+    overrides: dict | list[str] | None = None,
+    paths: dict[str, Any] | None = None,
+) -> GameConfig:
+    """A validated :class:`GameConfig` from a preset name or YAML path, then ``overrides``, then
+    ``paths`` (see the module docstring)."""
     data: dict = {}
     if preset is not None:
         path = PRESET_DIR / f"{preset}.yaml" if str(preset) in PRESETS else Path(preset)
@@ -154,5 +168,21 @@ def load_config(preset: str | Path | None = None, overrides: dict | list[str] | 
             raise unknown_name("preset", str(preset), PRESETS, "name a preset or an existing YAML file")
         data = _yaml(path.read_text(), "config file", str(path), "fix the YAML") or {}
     if overrides:
-        data = _merge(data, _dotted(overrides) if isinstance(overrides, list) else overrides)
+        dotted = isinstance(overrides, list)
+        data = _merge(data, _dotted(overrides) if dotted else overrides, into_weights=dotted)
+    if paths:
+        data = _merge(data, nest(paths), into_weights=True)
     return _build(GameConfig, data, "")
+
+
+def ignored_by(cfg: GameConfig, path: str) -> str | None:
+    """Why ``cfg`` would ignore the setting at ``path`` (None: it reads it): a knob of a loss that no
+    active term of that loss reads (``READ_BY``)."""
+    section, _, key = path.partition(".")
+    readers = READ_BY.get(section, {}).get(key)
+    if readers is None:
+        return None
+    active = sorted(k for k, w in getattr(cfg, section).weights.items() if w > 0)
+    if set(readers) & set(active):
+        return None
+    return f"{key} is read by the {' / '.join(readers)} term, and its {section} has {', '.join(active)}"

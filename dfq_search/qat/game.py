@@ -22,16 +22,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfq_search.errors import DfqError
+from dfq_search.errors import DfqError, unknown_name
 from dfq_search.qat.config import GameConfig
 from dfq_search.qat.losses import Q_TERMS, q_objective
 from dfq_search.qat.reporter import NullReporter, Reporter
 from dfq_search.quant.quantize import act_quantizers, freeze_, set_observing_
-from dfq_search.synth.generators import build_source
-from dfq_search.synth.losses import TermKnobs, TermParams, normalized_disagreement
-from dfq_search.synth.objective import check_weights
+from dfq_search.synth.generators import SOURCES, build_source
+from dfq_search.synth.losses import TERMS, TermKnobs, TermParams, normalized_disagreement
+from dfq_search.synth.objective import check_bounds, check_weights
 
 FORMAT = "dfq_search.game/1"
+
+
+def check_config(cfg: GameConfig) -> None:
+    """Refuse, without a model, a config the game would refuse: its schedule, the terms and weights of
+    both losses, the margin bounds when the margin term is on, the sample source's name."""
+    _check_train(cfg)
+    if "margin" in check_weights(cfg.sample_loss.weights, TERMS, "sample loss"):
+        check_bounds(cfg.sample_loss.lambda_l, cfg.sample_loss.lambda_u)
+    if cfg.source.name not in SOURCES:
+        raise unknown_name("sample source", cfg.source.name, SOURCES, "set source.name to one of them")
 
 
 def _check_train(cfg: GameConfig) -> None:

@@ -2,8 +2,9 @@
 define-by-run function that Ray Tune's ``OptunaSearch`` calls (importable, picklable: resume needs it).
 
 Parameters of a trial: ``w:<layer>`` and ``a:<layer>`` for layers with more than one choice, and the
-method knobs (``kind``, ``ptq.modcap_k``, ``qat.lambda_l``, ...). The function also returns, as
-constants, the effective ``plan`` (after the budget repair), its ``cost`` and ``feasible``.
+method knobs, ``<part>.<path in its config>`` (``kind``, ``ptq.modcap_k``, ``qat.sample_loss.lambda_l``,
+...). The function also returns, as constants, the effective ``plan`` (after the budget repair), its
+``cost`` and ``feasible``.
 
 Budget repair: a sampled plan over the budget has the bits of one layer at a time lowered to its next
 choice, the move with the least sensitivity increase per bit saved first (ZeroQ's Ω when known, else

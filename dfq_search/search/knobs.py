@@ -2,10 +2,12 @@
 
 In a search-space file a knob is written as
 
-    modcap_k: 1                      # fixed
-    modcap_k: [0, 1, 2]              # categorical (bit widths are always categorical: Ray's integer
-                                     # ranges exclude the upper bound, Optuna's include it)
-    lambda_l: {low: 0.0, high: 0.4}  # a float range; add `log: true` for a log scale, `int: true`
+    modcap_k: 1                                  # fixed
+    modcap_k: [0, 1, 2]                          # categorical (bit widths are always categorical: Ray's
+                                                 # integer ranges exclude the upper bound, Optuna's
+                                                 # include it)
+    sample_loss.lambda_l: {low: 0.0, high: 0.4}  # a float range; add `log: true` for a log scale,
+                                                 # `int: true` for an integer one
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class Knob:
 
     def values(self) -> tuple[Any, ...]:
         """Every value it can take (the two ends of a range)."""
-        return self.choices if self.low is None else (self.low, self.high)
+        if self.low is None:
+            return self.choices
+        return (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
 
 
 def parse_knob(name: str, raw: Any, check: Callable[[Any], Any] | None = None) -> Knob:

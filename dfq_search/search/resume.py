@@ -23,6 +23,14 @@ def check_resumed(campaign_json: Path, space: SearchSpace, search: Search) -> No
     if not campaign_json.is_file():
         return
     before = json.loads(campaign_json.read_text())
+    old_knobs = before.get("space_resolved", {}).get("ptq", {})
+    if "iters" in old_knobs:  # every campaign before issue 15 stored its PTQ knobs by short name
+        raise DfqError(
+            "a campaign from before search knobs became config paths cannot resume",
+            str(campaign_json.parent),
+            "a campaign started by this version ('dfq-search report' still reads this one)",
+            "rerun it with the space rewritten (iters -> recon.iters, ...) and --name NEW",
+        )  # fmt: skip
     was = {**before.get("space_resolved", {}), "search": before.get("search", {})}
     now = json.loads(json.dumps({**asdict(space), "search": asdict(search)}, default=str))
     keep = {f"search.{k}" for k in RESUME_FIXED}

@@ -9,13 +9,15 @@ for all the keys with comments):
                one) or '_default'
     budget:    any of uniform_weight_bits, uniform_bops, mean_weight_bits, max_size_kib, max_mbops (a
                plan fits all of them); repair (lower bits until it fits)
-    method:    kind (ptq, qat, ptq+qat), ptq: {...knobs}, qat: {...knobs}
+    method:    kind (ptq, qat, ptq+qat), ptq: {path of PTQConfig: knob}, qat: {preset, path of the
+               game's config: knob} (dfq_search.search.method)
     samples:   where calibration and held-out samples come from
     objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl | mse), reports
     search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds
     resources: trial_cpu, trial_gpu, worker_cpu, worker_gpu
 
-Every knob of ``method`` is fixed, a list of choices, or a {low, high} range (:mod:`.knobs`).
+Every knob of ``method`` is fixed, a list of choices, or a {low, high} range (:mod:`.knobs`), named by
+its path in the config that owns it (:mod:`.method`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ from typing import Any
 import yaml
 
 from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
-from dfq_search.ptq.config import ACT_RANGES, CAPACITIES, PTQConfig, ReconConfig
 from dfq_search.quant.quantizers import ALLOWED_BITS
 from dfq_search.search.knobs import Knob, number, one_of, parse_knob
+from dfq_search.search.method import DEFAULT_PRESET, parse_method
 
 SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search", "resources")
-KINDS = ("ptq", "qat", "ptq+qat")
 SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp")
 # Samplers refused with the reason (Optuna has them, but not for this search).
 UNFIT_SAMPLERS = {
@@ -45,40 +46,6 @@ METRICS = ("auto", "top1", "agreement", "kl", "mse")
 WARM_STARTS = ("uniform", "sensitivity")
 BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
 SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-
-# name -> (check, default) of every knob of method.ptq and method.qat; a PTQ knob's default is its
-# config's (PTQConfig, ReconConfig); a game-loss knob with default None is the preset's unless given
-_PTQ, _RECON = PTQConfig(), ReconConfig()
-PTQ_KNOBS: dict[str, tuple[Any, Any]] = {
-    "modcap_k": (number("method.ptq.modcap_k", 0, 64, integer=True), _PTQ.modcap_k),
-    "capacity": (one_of("method.ptq.capacity", CAPACITIES), _PTQ.capacity),
-    "iters": (number("method.ptq.iters", 1, 10**6, integer=True), _RECON.iters),
-    "batch_size": (number("method.ptq.batch_size", 1, 4096, integer=True), _RECON.batch_size),
-    "act_range": (one_of("method.ptq.act_range", ACT_RANGES), _PTQ.act_range),
-    "qdrop": (number("method.ptq.qdrop", 0.0, 0.99), _RECON.qdrop),
-    "lam": (number("method.ptq.lam", 0.0, 10.0), _RECON.lam),
-}
-QAT_KNOBS: dict[str, tuple[Any, Any]] = {
-    "preset": (one_of("method.qat.preset", ("adadfq", "gdfq", "dsg", "adasg", "lrq")), "adadfq"),
-    "generator": (one_of("method.qat.generator", ("gdfq", "lrq")), "gdfq"),
-    "steps": (number("method.qat.steps", 1, 10**7, integer=True), 200),
-    "warmup": (number("method.qat.warmup", 0, 10**7, integer=True), 50),
-    "batch_size": (number("method.qat.batch_size", 1, 4096, integer=True), 32),
-    "q_lr": (number("method.qat.q_lr", 0.0, 1.0), 1e-4),
-    "lambda_l": (number("method.qat.lambda_l", 0.0, 1.0), None),
-    "lambda_u": (number("method.qat.lambda_u", 0.0, 1.0), None),
-    "disagree": (number("method.qat.disagree", 0.0, 100.0), None),
-    "agree": (number("method.qat.agree", 0.0, 100.0), None),
-    "bns": (number("method.qat.bns", 0.0, 100.0), None),
-}
-# the sample-loss term each game-loss knob acts on: a preset without that term would ignore it
-LOSS_TERM = {
-    "lambda_l": "margin",
-    "lambda_u": "margin",
-    "disagree": "disagree",
-    "agree": "agree",
-    "bns": "bns",
-}
 
 
 def check_sampler(name: Any, where: str) -> str:
@@ -201,8 +168,8 @@ class SearchSpace:
     model: ModelRef = ModelRef()
     budget: Budget = Budget()
     kind: Knob = field(default_factory=lambda: Knob("kind", ("ptq",)))
-    ptq: dict[str, Knob] = field(default_factory=dict)
-    qat: dict[str, Knob] = field(default_factory=dict)
+    ptq: dict[str, Knob] = field(default_factory=dict)  # path of PTQConfig -> knob
+    qat: dict[str, Knob] = field(default_factory=lambda: {"preset": Knob("qat.preset", (DEFAULT_PRESET,))})
     samples: Samples = Samples()
     objective: Objective = Objective()
     search: Search = Search()
@@ -251,57 +218,6 @@ def _budget(section: dict) -> Budget:
     return _typed(Budget, section, "budget", checks)
 
 
-def _method(section: dict) -> tuple[Knob, dict[str, Knob], dict[str, Knob]]:
-    kind = parse_knob("kind", section.get("kind", "ptq"), one_of("method.kind", KINDS))
-    knobs = []
-    for part, table in (("ptq", PTQ_KNOBS), ("qat", QAT_KNOBS)):
-        raw = section.get(part) or {}
-        if not isinstance(raw, Mapping):
-            raise DfqError(f"method.{part}", raw, "a mapping of knobs", "fix the YAML")
-        refuse_unknown_keys(f"method.{part}", raw, table)
-        knobs.append(
-            {
-                k: parse_knob(f"{part}.{k}", raw.get(k, default), check)
-                for k, (check, default) in table.items()
-                if k in raw or default is not None
-            }
-        )
-        if raw and not any(part in k for k in kind.values()):
-            raise DfqError(f"method.{part} knobs with method.kind {list(kind.values())}", sorted(raw),
-                           f"a kind that runs {part} ({', '.join(k for k in KINDS if part in k)}): no "
-                           "trial would use them",
-                           f"drop method.{part}, or add a kind with {part}")  # fmt: skip
-    _check_loss_knobs(knobs[1])
-    return kind, knobs[0], knobs[1]
-
-
-def _check_loss_knobs(qat: dict[str, Knob]) -> None:
-    """Refuse a game-loss knob that a preset of the space would ignore (it lacks the knob's term), and
-    margin bounds that can cross (each bound not given is the preset's)."""
-    from dfq_search.qat.config import load_config
-
-    for preset in qat["preset"].values():
-        loss = load_config(preset).sample_loss
-        for name in (k for k in LOSS_TERM if k in qat):
-            if LOSS_TERM[name] not in loss.weights:
-                raise DfqError(
-                    f"method.qat.{name} with preset {preset!r}",
-                    list(qat[name].values()),
-                    f"a preset whose sample loss has the {LOSS_TERM[name]!r} term "
-                    f"({preset}'s terms: {', '.join(loss.weights)}): {preset} would ignore {name}",
-                    f"drop {name}, or use a preset with that term (e.g. adadfq)",
-                )
-        lo = qat["lambda_l"].values() if "lambda_l" in qat else (loss.lambda_l,)
-        hi = qat["lambda_u"].values() if "lambda_u" in qat else (loss.lambda_u,)
-        if max(lo) >= min(hi):
-            raise DfqError(
-                f"method.qat lambda_l / lambda_u (preset {preset})",
-                (list(lo), list(hi)),
-                "every lambda_l below every lambda_u, both in [0, 1] (a bound not given is the preset's)",
-                "e.g. lambda_l: {low: 0.0, high: 0.4}, lambda_u: {low: 0.6, high: 1.0}",
-            )
-
-
 # keys of samples and resources that only some sample sources read
 READ_BY = {
     "samples": {"bank": "bank", "iterations": "direct", "generators": "generator",
@@ -337,7 +253,7 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         )
     model = _section(data, "model", ("name", "weights", "num_classes"))
     method = _section(data, "method", ("kind", "ptq", "qat"))
-    kind, ptq, qat = _method(method)
+    kind, ptq, qat = parse_method(method)
     samples = _typed(
         Samples,
         _section(data, "samples", Samples.__dataclass_fields__),

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from dfq_search.checkpoint import save_quantized
 from dfq_search.fingerprint import config_hash
 from dfq_search.quant import PROTOCOLS, BitPlan
+from dfq_search.search.method import game_config, ptq_config
 
 Report = Callable[[dict[str, Any], Path | None], None]
 INFEASIBLE_SCORE = -1e3  # what an over-budget plan scores (it is never computed); TPE only ranks
@@ -60,7 +61,7 @@ class TrialContext:
 
 
 def knobs_of(config: dict[str, Any], part: str) -> dict[str, Any]:
-    """The ``part.`` knobs of a trial config, without the prefix."""
+    """The ``part.`` knobs of a trial config, without the prefix: paths of the config they set."""
     return {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(f"{part}.")}
 
 
@@ -155,19 +156,9 @@ class _Trial:
         return self._final(q)
 
     def _ptq(self, p: nn.Module, levels: int) -> nn.Module:
-        from dfq_search.ptq import PTQConfig, ReconConfig, run_ptq
+        from dfq_search.ptq import run_ptq
 
-        k = knobs_of(self.config, "ptq")
-        recon = ReconConfig(
-            iters=int(k["iters"]),
-            batch_size=int(k["batch_size"]),
-            lam=float(k["lam"]),
-            qdrop=float(k["qdrop"]),
-            seed=int(self.config.get("seed", 0)),
-        )
-        cfg = PTQConfig(
-            act_range=k["act_range"], modcap_k=int(k["modcap_k"]), capacity=k["capacity"], recon=recon
-        )
+        cfg = ptq_config(knobs_of(self.config, "ptq"), int(self.config.get("seed", 0)))
         start, marks = self.level, []
 
         def progress(done: int, total: int, q: nn.Module) -> None:
@@ -185,10 +176,9 @@ class _Trial:
         return result.model
 
     def _qat(self, p: nn.Module, q: nn.Module | None, levels: int) -> nn.Module:
-        from dfq_search.qat import Game, load_config, start_q
+        from dfq_search.qat import Game, start_q
 
-        k = knobs_of(self.config, "qat")
-        cfg = load_config(k["preset"], _game_overrides(k, int(self.config.get("seed", 0))))
+        cfg = game_config(knobs_of(self.config, "qat"), int(self.config.get("seed", 0)))
         if q is None:
             q = start_q(
                 p,
@@ -224,38 +214,3 @@ class _Trial:
                 self.memo.save(metrics, Path(tmp))
             self.report(metrics, Path(tmp))
         return metrics
-
-
-def _game_overrides(k: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The game config of a trial's ``qat.`` knobs: the schedule, and the sample-loss knobs the space
-    gave (margin bounds, term weights), applied to the preset's own values (the space refuses a knob
-    whose term the preset lacks: nothing given is dropped here)."""
-    from dfq_search.qat import load_config
-    from dfq_search.search.space import LOSS_TERM
-
-    out: dict[str, Any] = {
-        "source": {"name": k["generator"]},
-        "train": {
-            "iterations": int(k["steps"]) + int(k["warmup"]),
-            "warmup": int(k["warmup"]),
-            "batch_size": int(k["batch_size"]),
-            "q_lr": float(k["q_lr"]),
-            "seed": seed,
-            "log_every": 0,
-            "q_lr_milestones": [],
-        },
-    }
-    given = {name: float(k[name]) for name in LOSS_TERM if name in k}
-    if not given:
-        return out
-    weights = dict(load_config(k["preset"]).sample_loss.weights)
-    for name, value in given.items():
-        if LOSS_TERM[name] not in weights:
-            # refused by the space before any trial
-            raise ValueError(f"qat.{name}: preset {k['preset']} has no {LOSS_TERM[name]!r} term")
-        if name in ("lambda_l", "lambda_u"):
-            out.setdefault("sample_loss", {})[name] = value
-        else:
-            weights[name] = value
-    out.setdefault("sample_loss", {})["weights"] = weights
-    return out

@@ -120,7 +120,7 @@ def test_a_fine_tuning_trial_warm_starts_from_the_shared_generator(generated, ti
     assert draw.generator_state("lrq") is None  # no worker trained that architecture
     space = parse_space({
         "bits": {"weight": {"_default": [4]}, "activation": {"_default": [4]}},
-        "method": {"kind": "qat", "qat": {"steps": 3, "warmup": 50, "batch_size": 8}},
+        "method": {"kind": "qat", "qat": {"train.iterations": 53, "train.warmup": 50, "train.batch_size": 8}},
         "objective": {"reports": 2},
     })  # fmt: skip
     plans = PlanSpace(space, trace_layers(tiny.model, tiny.preprocess.example_input()))

@@ -69,7 +69,7 @@ def smoke_space(tmp_path: Path, name: str, iters: int, trials: int | None = None
     """tiny_smoke with longer or shorter trials (and another trial count, other ``search`` keys), as a
     file named ``name``."""
     space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
-    space["method"]["ptq"]["iters"] = iters
+    space["method"]["ptq"]["recon.iters"] = iters
     if trials is not None:
         space["search"]["trials"] = trials
     space["search"] |= search

@@ -22,7 +22,7 @@ TRIALS = 200
 @pytest.mark.slow
 def test_200_trial_campaign_records_every_trial_and_driver_memory_stays_bounded(tmp_path, shared_cache):
     space = yaml.safe_load((ROOT / "search_spaces" / "tiny_smoke.yaml").read_text())
-    space["method"]["ptq"] |= {"iters": 2}
+    space["method"]["ptq"] |= {"recon.iters": 2}
     space["search"] |= {"trials": TRIALS, "sampler": "random", "warm_start": []}
     path = tmp_path / "load.yaml"
     path.write_text(yaml.safe_dump(space))

@@ -45,6 +45,45 @@ def test_overrides_dotted_and_nested(tmp_path) -> None:
     assert load_config(None).train.batch_size == 32
 
 
+def test_a_dotted_path_sets_one_setting_and_a_nested_weights_mapping_all() -> None:
+    """``sample_loss.weights.bns`` (a --set string or a search knob's path) sets that term's weight and
+    keeps the preset's other terms; it used to replace the whole mapping, dropping them silently."""
+    own = load_config("adadfq").sample_loss.weights
+    assert load_config("adadfq", ["sample_loss.weights.bns=0.5"]).sample_loss.weights == {**own, "bns": 0.5}
+    by_path = load_config("adadfq", paths={"sample_loss.weights.bns": 0.5, "train.q_lr": 1e-5})
+    assert by_path.sample_loss.weights == {**own, "bns": 0.5} and by_path.train.q_lr == 1e-5
+    with pytest.raises(DfqError, match="did you mean 'iterations'"):
+        load_config("adadfq", paths={"train.iteration": 5})
+
+
+def test_ignored_by_names_the_term_that_would_read_a_knob() -> None:
+    from dfq_search.qat.config import ignored_by
+
+    gdfq, ada = load_config("gdfq"), load_config("adadfq")
+    assert (
+        "margin" in ignored_by(gdfq, "sample_loss.lambda_l")
+        and ignored_by(ada, "sample_loss.lambda_l") is None
+    )
+    assert "dkd" in ignored_by(ada, "q_loss.dkd_beta") and ignored_by(gdfq, "q_loss.temperature") is None
+    assert ignored_by(gdfq, "sample_loss.weights.agree") is None  # a weight adds its term
+    assert ignored_by(gdfq, "train.q_lr") is None
+
+
+def test_check_config_refuses_what_the_game_would_refuse_without_a_model() -> None:
+    from dfq_search.qat.game import check_config
+
+    for preset in PRESETS:
+        check_config(load_config(preset))
+    with pytest.raises(DfqError, match="margin bounds"):
+        check_config(load_config("adadfq", paths={"sample_loss.lambda_l": 0.9}))
+    with pytest.raises(DfqError, match="unknown sample loss"):
+        check_config(load_config("gdfq", paths={"sample_loss.weights.cee": 1.0}))
+    with pytest.raises(DfqError, match="sample source"):
+        check_config(load_config("gdfq", paths={"source.name": "gan"}))
+    with pytest.raises(DfqError, match="warmup"):
+        check_config(load_config("gdfq", paths={"train.warmup": 80000}))
+
+
 @pytest.mark.parametrize(
     ("preset", "over", "match"),
     [

@@ -297,8 +297,11 @@ SEARCHED = {
     "budget": {"max_size_kib": 4.5},
     "method": {
         "kind": ["ptq", "ptq+qat"],
-        "ptq": {"modcap_k": [0, 1], "iters": 5},
-        "qat": {"q_lr": {"low": 1e-6, "high": 1e-4, "log": True}, "lambda_l": {"low": 0.0, "high": 0.4}},
+        "ptq": {"modcap_k": [0, 1], "recon.iters": 5},
+        "qat": {
+            "train.q_lr": {"low": 1e-6, "high": 1e-4, "log": True},
+            "sample_loss.lambda_l": {"low": 0.0, "high": 0.4},
+        },
     },
 }
 
@@ -312,7 +315,7 @@ def searched(layers_of):
 def test_space_function_parameters_and_constants(searched):
     fn = SpaceFunction(searched, seed=7)
     middle = [c.name for c in searched.choices if c.name not in ("stem.0", "head.2")]
-    searched_knobs = {"kind", "ptq.modcap_k", "qat.q_lr", "qat.lambda_l"}
+    searched_knobs = {"kind", "ptq.modcap_k", "qat.train.q_lr", "qat.sample_loss.lambda_l"}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     repaired = 0
     for _ in range(6):
@@ -321,7 +324,7 @@ def test_space_function_parameters_and_constants(searched):
         expected = {f"w:{n}" for n in middle} | {f"a:{n}" for n in middle if n != "block2.shortcut.0"}
         assert set(trial.params) == expected | searched_knobs
         fixed = {k.name: k.value for k in searched.space.knobs() if k.fixed}
-        assert "ptq.iters" in fixed and "qat.steps" in fixed
+        assert "ptq.recon.iters" in fixed and "qat.preset" in fixed
         assert set(out) == set(fixed) | {"plan", "cost", "feasible", "seed"}
         assert {k: out[k] for k in fixed} == fixed and out["seed"] == 7
         plan, cost, feasible = searched.evaluate(trial.params)
@@ -341,7 +344,7 @@ def test_enqueued_warm_starts_give_back_their_plan_and_the_function_pickles(sear
     starts = list(warm_starts(searched).values())
     assert starts
     study = optuna.create_study()
-    knobs = {"kind": "ptq", "ptq.modcap_k": 1, "qat.q_lr": 1e-5, "qat.lambda_l": 0.2}
+    knobs = {"kind": "ptq", "ptq.modcap_k": 1, "qat.train.q_lr": 1e-5, "qat.sample_loss.lambda_l": 0.2}
     for bits in starts:
         study.enqueue_trial({**searched.params_of(bits), **knobs})
         study.enqueue_trial({**searched.params_of(bits), **knobs})

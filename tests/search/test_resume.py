@@ -52,3 +52,12 @@ def test_settings_an_older_campaign_did_not_record_are_not_compared(started):
     path.write_text(json.dumps(meta))
     other = replace(space, objective=replace(space.objective, reports=1))
     check_resumed(path, other, replace(other.search, seed=5))
+
+
+def test_a_campaign_from_before_knobs_were_config_paths_is_refused_with_how_to_rerun(started):
+    path, space = started
+    meta = json.loads(path.read_text())
+    meta["space_resolved"]["ptq"] = {"iters": {"name": "ptq.iters", "choices": [5]}}  # as it stored them
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DfqError, match=r"before search knobs became config paths.*recon.iters.*--name NEW"):
+        check_resumed(path, space, space.search)

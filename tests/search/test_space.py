@@ -12,7 +12,7 @@ from dfq_search.models import create_model
 from dfq_search.quant import trace_layers
 from dfq_search.search.campaign import _check_modcap
 from dfq_search.search.define import PlanSpace
-from dfq_search.search.space import PTQ_KNOBS, SPACE_DIR, load_space, parse_space
+from dfq_search.search.space import SPACE_DIR, load_space, parse_space
 
 SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
 BASE = {"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}}}
@@ -71,20 +71,20 @@ def test_defaults_and_knob_order():
     space = _space()
     assert space.budget.kinds == () and space.budget.repair
     assert space.search.warm_start == ("uniform", "sensitivity")
-    names = [k.name for k in space.knobs()]
-    assert names == ["kind", *(f"ptq.{k}" for k in PTQ_KNOBS)]  # kind ptq: no qat knob is searched
-    assert all(k.fixed for k in space.knobs())
-    assert space.ptq["modcap_k"].value == PTQ_KNOBS["modcap_k"][1]
-    both = _space(method={"kind": ["ptq", "qat"]})
-    assert [k.name for k in both.knobs()][-1] == "qat.q_lr"  # the loss knobs are the preset's unless given
+    assert [k.name for k in space.knobs()] == ["kind"]  # no knob given: every setting is its config's
+    both = _space(method={"kind": ["ptq", "qat"], "ptq": {"recon.iters": 5, "modcap_k": [0, 1]},
+                          "qat": {"train.q_lr": 1e-4}})  # fmt: skip
+    names = ["kind", "ptq.recon.iters", "ptq.modcap_k", "qat.train.q_lr", "qat.preset"]
+    assert [k.name for k in both.knobs()] == names  # <part>.<path in its config>, in the file's order
+    assert both.qat["preset"].value == "adadfq"
     assert not both.kind.fixed
     qat = _space(method={"kind": "qat"})
     assert not any(k.name.startswith("ptq.") for k in qat.knobs())
 
 
 def test_numbers_written_as_yaml_strings_are_read_as_numbers():
-    space = _space(method={"qat": {"q_lr": "1e-3"}, "kind": "qat"})
-    assert space.qat["q_lr"].value == pytest.approx(1e-3)
+    space = _space(method={"qat": {"train.q_lr": "1e-3"}, "kind": "qat"})
+    assert space.qat["train.q_lr"].value == pytest.approx(1e-3)
     space = _space(search={"warm_start": "uniform"})
     assert space.search.warm_start == ("uniform",)
 
@@ -95,14 +95,15 @@ def test_numbers_written_as_yaml_strings_are_read_as_numbers():
         ({"budgett": {"max_size_kib": 3}}, "budgett", "budget"),
         ({"budget": {"max_size_kb": 3}}, "max_size_kb", "max_size_kib"),
         ({"method": {"ptq": {"modcap_kk": 1}}}, "modcap_kk", "modcap_k"),
-        ({"method": {"qat": {"lamda_u": 0.9}}}, "lamda_u", "lambda_u"),
+        ({"method": {"kind": "qat", "qat": {"sample_loss.lamda_u": 0.9}}}, "lamda_u", "lambda_u"),
+        ({"method": {"ptq": {"recon.iter": 9}}}, "iter", "iters"),
         ({"method": {"knd": "ptq"}}, "knd", "kind"),
         ({"samples": {"calibraton": 3}}, "calibraton", "calibration"),
         ({"objective": {"metrc": "kl"}}, "metrc", "metric"),
         ({"search": {"trails": 3}}, "trails", "trials"),
         ({"resources": {"trial_cpus": 1}}, "trial_cpus", "trial_cpu"),
         ({"model": {"nam": "tiny_cnn"}}, "nam", "name"),
-        ({"method": {"qat": {"q_lr": {"low": 0.0, "hi": 1.0}}}}, "hi", "high"),
+        ({"method": {"kind": "qat", "qat": {"train.q_lr": {"low": 0.0, "hi": 1.0}}}}, "hi", "high"),
     ],
 )
 def test_unknown_keys_are_refused_with_a_suggestion(sections, bad, hint):
@@ -148,56 +149,91 @@ def test_repeated_and_empty_choices_are_refused():
 
 def test_bad_ranges_are_refused():
     _refused(
-        r"range of 'qat.q_lr'.*'low': 0.001.*low <= high",
-        method={"kind": "qat", "qat": {"q_lr": {"low": 1e-3, "high": 1e-4}}},
+        r"range of 'qat.train.q_lr'.*'low': 0.001.*low <= high",
+        method={"kind": "qat", "qat": {"train.q_lr": {"low": 1e-3, "high": 1e-4}}},
     )
     _refused(
-        r"log range of 'qat.q_lr'.*low > 0",
-        method={"qat": {"q_lr": {"low": 0.0, "high": 1e-4, "log": True}}},
+        r"log range of 'qat.train.q_lr'.*low > 0",
+        method={"kind": "qat", "qat": {"train.q_lr": {"low": 0.0, "high": 1e-4, "log": True}}},
     )
-    _refused(r"range of 'qat.q_lr'.*low and high", method={"qat": {"q_lr": {"low": 0.0}}})
-    _refused(r"method.qat.q_lr: got 2.0", method={"qat": {"q_lr": {"low": 0.0, "high": 2.0}}})
-    _refused(r"method.ptq.act_range: got 1", method={"ptq": {"act_range": {"low": 1, "high": 2}}})
-    _refused(r"method.ptq.iters: got 2.5; an int", method={"ptq": {"iters": 2.5}})
-    _refused(r"method.ptq.modcap_k: got 65", method={"ptq": {"modcap_k": 65}})
+    _refused(
+        r"range of 'qat.train.q_lr'.*low and high",
+        method={"kind": "qat", "qat": {"train.q_lr": {"low": 0.0}}},
+    )
+    _refused(r"method.qat: train.q_lr.*got -1.0",
+             method={"kind": "qat", "qat": {"train.q_lr": {"low": -1.0, "high": 0.1}}})  # fmt: skip
+    _refused(r"method.ptq: act_range.*got 1", method={"ptq": {"act_range": {"low": 1, "high": 2}}})
+    _refused(r"method.ptq: iters.*got 2.5; a positive int", method={"ptq": {"recon.iters": 2.5}})
 
 
-def test_lambda_ranges_must_not_overlap():
-    err = _refused(
-        r"lambda_l / lambda_u.*\[0.0, 0.7\], \[0.6, 1.0\]",
-        method={"kind": "qat",
-                "qat": {"lambda_l": {"low": 0.0, "high": 0.7}, "lambda_u": {"low": 0.6, "high": 1.0}}},
-    )  # fmt: skip
-    assert "Fix:" in str(err)
-    _refused("lambda_l / lambda_u", method={"kind": "qat", "qat": {"lambda_l": 0.5, "lambda_u": [0.5, 0.9]}})
+def test_every_value_a_knob_can_take_builds_a_valid_config():
+    """Validation builds the configs at every choice and both ends of every range: the configs' own
+    checks, with no second list of allowed values or second default in the space."""
+
+    def qat(**knobs):
+        return {"kind": "qat", "qat": knobs}
+
+    err = _refused(r"margin bounds.*got \(0.7, 0.6\)",
+                   method=qat(**{"sample_loss.lambda_l": {"low": 0.0, "high": 0.7},
+                                 "sample_loss.lambda_u": {"low": 0.6, "high": 1.0}}))  # fmt: skip
+    assert "Fix:" in str(err) and "at {" in str(err)
     # a bound not given is the preset's (adadfq: lambda_u 0.8)
-    _refused(r"lambda_l / lambda_u.*\[0.0, 0.9\], \[0.8\]",
-             method={"kind": "qat", "qat": {"lambda_l": {"low": 0.0, "high": 0.9}}})  # fmt: skip
-    ok = _space(
-        method={"kind": "qat",
-                "qat": {"lambda_l": {"low": 0.0, "high": 0.4}, "lambda_u": {"low": 0.6, "high": 1.0}}}
-    )  # fmt: skip
-    assert ok.qat["lambda_l"].values() == (0.0, 0.4)
+    _refused(
+        r"margin bounds.*got \(0.9, 0.8\)", method=qat(**{"sample_loss.lambda_l": {"low": 0.0, "high": 0.9}})
+    )
+    _refused(r"qdrop.*got 1.0", method={"ptq": {"recon.qdrop": {"low": 0.0, "high": 1.0}}})  # [0, 1) only
+    _refused(r"train.warmup.*0 <= warmup < iterations", method=qat(**{"train.iterations": [5, 100],
+                                                                         "train.warmup": 50}))  # fmt: skip
+    _refused(r"unknown sample source.*'lrqq'", method=qat(**{"source.name": ["gdfq", "lrqq"]}))
+    ok = _space(method=qat(**{"sample_loss.lambda_l": {"low": 0.0, "high": 0.4},
+                              "sample_loss.lambda_u": {"low": 0.6, "high": 1.0}}))  # fmt: skip
+    assert ok.qat["sample_loss.lambda_l"].values() == (0.0, 0.4)
+    assert _space(method={"ptq": {"recon.iters": {"low": 10, "high": 20, "int": True}}}).ptq[
+        "recon.iters"
+    ].values() == (10, 20)
 
 
-@pytest.mark.parametrize("knob", ["lambda_l", "lambda_u", "agree", "disagree"])
-def test_a_loss_knob_the_preset_would_ignore_is_refused(knob):
-    """gdfq's sample loss has no margin, disagreement or agreement term: the knob used to be dropped."""
-    value = 0.9 if knob == "lambda_u" else 0.1
-    err = _refused(rf"method.qat.{knob} with preset 'gdfq'.*gdfq would ignore {knob}",
-                   method={"kind": "qat", "qat": {"preset": ["adadfq", "gdfq"], knob: value}})  # fmt: skip
-    assert "ce, bns" in str(err)
-    _space(method={"kind": "qat", "qat": {"preset": "adadfq", knob: value}})
-    if knob != "agree":  # adasg has the margin and the disagreement terms
-        _space(method={"kind": "qat", "qat": {"preset": "adasg", knob: value}})
-    _space(method={"kind": "qat", "qat": {"preset": ["gdfq", "dsg", "lrq"]}})  # not given: nothing to refuse
+@pytest.mark.parametrize("path", ["sample_loss.lambda_l", "sample_loss.lambda_u"])
+def test_a_knob_the_preset_would_ignore_is_refused_with_the_reason(path):
+    """gdfq's sample loss has no margin term: its bounds used to be dropped silently."""
+    value = 0.9 if path.endswith("lambda_u") else 0.1
+    err = _refused(rf"method.qat.{path} with preset 'gdfq'.*read by the margin term.*gdfq would ignore it",
+                   method={"kind": "qat", "qat": {"preset": ["adadfq", "gdfq"], path: value}})  # fmt: skip
+    assert "bns, ce" in str(err)
+    for preset in ("adadfq", "adasg"):  # both have the margin term
+        _space(method={"kind": "qat", "qat": {"preset": preset, path: value}})
+    _refused(
+        r"q_loss.dkd_beta with preset 'adadfq'.*dkd", method={"kind": "qat", "qat": {"q_loss.dkd_beta": 2.0}}
+    )
+    # a term's weight is read whatever the preset: a weight for a term the preset lacks adds the term
+    added = _space(method={"kind": "qat", "qat": {"preset": "gdfq", "sample_loss.weights.agree": 0.1}})
+    assert added.qat["sample_loss.weights.agree"].value == 0.1
+
+
+@pytest.mark.parametrize(
+    ("part", "old", "new"),
+    [("ptq", "iters", "recon.iters"), ("ptq", "qdrop", "recon.qdrop"), ("qat", "steps", "train.iterations"),
+     ("qat", "lambda_l", "sample_loss.lambda_l"), ("qat", "generator", "source.name"),
+     ("qat", "bns", "sample_loss.weights.bns")],
+)  # fmt: skip
+def test_a_knob_by_its_old_short_name_is_refused_with_its_path(part, old, new):
+    err = _refused(rf"method.{part}.{old} is now method.{part}.{new}",
+                   method={"kind": "ptq+qat", part: {old: 1}})  # fmt: skip
+    assert f"rename {old} to {new}" in err.fix
+
+
+def test_the_seeds_the_campaign_sets_are_not_knobs():
+    _refused(r"method.ptq.recon.seed.*campaign sets", method={"ptq": {"recon.seed": 3}})
+    _refused(r"method.qat.train.seed.*campaign sets", method={"kind": "qat", "qat": {"train.seed": 3}})
 
 
 def test_knobs_of_a_method_no_kind_runs_are_refused():
     _refused(r"method.qat knobs with method.kind \['ptq'\].*no trial would use them",
-             method={"qat": {"q_lr": 1e-3}})  # fmt: skip
-    _refused(r"method.ptq knobs with method.kind \['qat'\]", method={"kind": "qat", "ptq": {"iters": 5}})
-    _space(method={"kind": ["ptq", "qat"], "ptq": {"iters": 5}, "qat": {"q_lr": 1e-3}})
+             method={"qat": {"train.q_lr": 1e-3}})  # fmt: skip
+    _refused(
+        r"method.ptq knobs with method.kind \['qat'\]", method={"kind": "qat", "ptq": {"recon.iters": 5}}
+    )
+    _space(method={"kind": ["ptq", "qat"], "ptq": {"recon.iters": 5}, "qat": {"train.q_lr": 1e-3}})
 
 
 def test_a_samples_key_the_source_would_ignore_is_refused():
@@ -218,16 +254,17 @@ def test_cmaes_is_refused_with_the_reason():
     _refused(r"unknown sampler.*tpe", search={"sampler": "cma"})
 
 
-def test_ptq_defaults_are_the_configs():
-    """One default per setting: the space's PTQ knobs default to PTQConfig's and ReconConfig's."""
-    from dfq_search.ptq import PTQConfig, ReconConfig
+def test_a_setting_no_knob_sets_is_its_configs():
+    """One default per setting: the trial's configs are the configs' defaults (ReconConfig: 300 steps)
+    and the preset's, under the knobs given."""
+    from dfq_search.ptq import PTQConfig
+    from dfq_search.qat import load_config
+    from dfq_search.search.method import game_config, ptq_config
 
-    space = _space()
-    ptq, recon = PTQConfig(), ReconConfig()
-    assert space.ptq["iters"].value == recon.iters == 300
-    assert space.ptq["batch_size"].value == recon.batch_size and space.ptq["lam"].value == recon.lam
-    assert space.ptq["qdrop"].value == recon.qdrop
-    assert (space.ptq["act_range"].value, space.ptq["capacity"].value) == (ptq.act_range, ptq.capacity)
+    space = _space(method={"kind": ["ptq", "qat"]})
+    assert space.ptq == {} and list(space.qat) == ["preset"]
+    assert ptq_config({}) == PTQConfig() and PTQConfig().recon.iters == 300
+    assert game_config({"preset": "adasg"}).sample_loss == load_config("adasg").sample_loss
 
 
 def test_budget_checks():

@@ -17,7 +17,7 @@ from dfq_search.search.objective import FidelityScorer
 from dfq_search.search.space import SPACE_DIR, parse_space
 from dfq_search.search.trial import INFEASIBLE_SCORE, TrialContext, TrialFailed, _marks, knobs_of, run_trial
 
-QAT = {"steps": 4, "warmup": 2, "batch_size": 8}
+QAT = {"train.iterations": 6, "train.warmup": 2, "train.batch_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -157,25 +157,25 @@ def test_fine_tuning_trials_report_ctx_reports_times(tiny, kind):
     assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
 
 
-def test_game_overrides_apply_the_loss_knobs_given_to_the_presets_own_terms():
-    """A margin bound or term weight given is applied to the preset (adasg too: it used to be dropped
-    for every preset but adadfq); one not given is the preset's."""
+def test_a_trials_configs_are_its_knobs_paths_over_the_configs_and_presets():
+    """No mapping by hand: a knob sets the config field at its path (adasg's margin bounds too: they
+    used to be dropped for every preset but adadfq); what no knob sets is the config's or preset's."""
+    from dfq_search.ptq import PTQConfig, ReconConfig
     from dfq_search.qat import load_config
-    from dfq_search.search.trial import _game_overrides
+    from dfq_search.search.method import TRIAL_GAME, game_config, ptq_config
 
-    base = {"generator": "gdfq", "steps": 4, "warmup": 2, "batch_size": 8, "q_lr": 1e-4}
+    ptq = ptq_config({"modcap_k": 2, "recon.iters": 7, "act_range": "mse"}, seed=3)
+    assert ptq == PTQConfig(modcap_k=2, act_range="mse", recon=ReconConfig(iters=7, seed=3))
     for preset in ("adadfq", "adasg"):
-        given = {**base, "preset": preset, "lambda_l": 0.25, "disagree": 0.4}
-        cfg = load_config(preset, _game_overrides(given, 0))
-        own = load_config(preset).sample_loss
-        assert (cfg.sample_loss.lambda_l, cfg.sample_loss.lambda_u) == (0.25, own.lambda_u)
-        assert cfg.sample_loss.weights == {**own.weights, "disagree": 0.4}
-    gdfq = load_config("gdfq", _game_overrides({**base, "preset": "gdfq", "bns": 0.3}, 0))
-    assert gdfq.sample_loss.weights == {"ce": 1.0, "bns": 0.3}
-    plain = load_config("adadfq", _game_overrides({**base, "preset": "adadfq"}, 0))
-    assert plain.sample_loss == load_config("adadfq").sample_loss
-    with pytest.raises(ValueError, match="no 'margin' term"):
-        _game_overrides({**base, "preset": "gdfq", "lambda_l": 0.2}, 0)
+        knobs = {"sample_loss.lambda_l": 0.25, "sample_loss.weights.disagree": 0.4, "train.q_lr": 1e-5}
+        cfg = game_config({"preset": preset, **knobs}, seed=4)
+        own = load_config(preset)
+        assert (cfg.sample_loss.lambda_l, cfg.sample_loss.lambda_u) == (0.25, own.sample_loss.lambda_u)
+        assert cfg.sample_loss.weights == {**own.sample_loss.weights, "disagree": 0.4}  # one term set
+        assert (cfg.train.q_lr, cfg.train.seed, cfg.train.iterations) == (1e-5, 4, own.train.iterations)
+        assert (cfg.train.log_every, cfg.train.q_lr_milestones) == tuple(TRIAL_GAME.values())
+    plain = game_config({"preset": "gdfq"})
+    assert plain.sample_loss == load_config("gdfq").sample_loss
 
 
 def test_an_infeasible_plan_reports_once_and_builds_nothing(tiny, monkeypatch):
