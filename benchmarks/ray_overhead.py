@@ -86,7 +86,20 @@ def under_tune(space, plans, ctx, storage: Path, name: str) -> tuple[float, floa
     from dfq_search.distributed.tune import TuneSetup, run_tuner
     from dfq_search.search.define import SpaceFunction
 
-    s = TuneSetup(SpaceFunction(plans), [], ctx, 1, "random", 0, 1, "pareto", 3, 1.0, 0.0, 0, None, [])
+    s = TuneSetup(
+        space_fn=SpaceFunction(plans),
+        points=[],
+        ctx=ctx,
+        trials=1,
+        sampler="random",
+        seed=0,
+        concurrency=1,
+        mode="pareto",
+        reports=3,
+        trial_cpu=1.0,
+        trial_gpu=0.0,
+        max_failures=0,
+    )
     start = time.perf_counter()
     grid = run_tuner(s, str(storage), name, resume=False)
     fit = time.perf_counter() - start

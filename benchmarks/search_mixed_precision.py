@@ -161,7 +161,9 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
     opts = CampaignOptions(space, args.model, weights, storage=args.storage, name=name,
                            resume=True, val_images=half_a, test_images=half_b)  # fmt: skip
     start = time.perf_counter()
-    result = run_campaign(opts, lambda line: print(line, flush=True))
+    from dfq_search.distributed.runner import RayRunner
+
+    result = run_campaign(opts, lambda line: print(line, flush=True), runner=RayRunner())
     _score_all_on_half_b(result, bundle, half_b)
     u_row = next((r for k, r in result.marks.items() if f"uniform-w{budget}" in k), {})
     dp_row = next((r for k, r in result.marks.items() if "sensitivity-dp" in k), {})

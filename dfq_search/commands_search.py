@@ -50,11 +50,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.device,
         args.num_cpus,
     )
-    run_campaign(opts, lambda line: print(line, flush=True))
+    from dfq_search.distributed.runner import RayRunner
+
+    run_campaign(opts, lambda line: print(line, flush=True), runner=RayRunner())
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from dfq_search.distributed.runner import RayRunner
     from dfq_search.search.campaign import finalize
     from dfq_search.search.storage import CampaignStore
 
@@ -67,6 +70,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             "pass <storage>/<name> of a 'dfq-search run'",
         )
     store.pull()
-    finalize(store.local, None, lambda line: print(line, flush=True), fetch=store.fetch)
+    records = RayRunner().records(store.local)
+    finalize(store.local, None, records, lambda line: print(line, flush=True), fetch=store.fetch)
     store.push()
     return 0

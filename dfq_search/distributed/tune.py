@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from dfq_search.distributed.session import trial_device
+from dfq_search.search.runner import TrialsSpec
 from dfq_search.search.trial import TrialContext, run_trial
 
 
@@ -59,25 +59,7 @@ def _trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     run_trial(config, ctx, report)
 
 
-@dataclass
-class TuneSetup:
-    """Everything a campaign hands to Tune."""
-
-    space_fn: Callable
-    points: list[dict[str, Any]]
-    ctx: TrialContext
-    trials: int
-    sampler: str
-    seed: int
-    concurrency: int
-    mode: str  # accuracy | pareto
-    reports: int
-    trial_cpu: float
-    trial_gpu: float
-    max_failures: int
-    time_budget_s: float | None
-    callbacks: list
-    explicit_gpu: bool = False  # on a cluster, ask for trial_gpu even before GPU nodes are up
+TuneSetup = TrialsSpec  # what a campaign hands to Tune (dfq_search.search.runner), built by keyword
 
 
 def _searcher(s: TuneSetup) -> Any:
@@ -122,7 +104,7 @@ def run_tuner(s: TuneSetup, storage: str, name: str, resume: bool) -> tune.Resul
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage),
-        callbacks=s.callbacks,
+        callbacks=[ProgressLine(s.trials, s.log), *([TensorBoardCurves(s.curves)] if s.curves else [])],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -4,17 +4,18 @@
 2. synthesize (or read from the cache or a bank) the calibration and held-out samples;
 3. ZeroQ sensitivity on the calibration samples: the budget repair's order and the DP warm start;
 4. warm starts: the uniform plans that fit the budget and the sensitivity-DP plan, run first;
-5. Ray Tune + OptunaSearch run the trials (dfq_search.distributed.tune);
+5. the runner (Ray Tune + OptunaSearch: dfq_search.distributed.runner) runs the trials;
 6. results.parquet, the Pareto front (table + PNG), best_plan.yaml, the best model (checkpoint and,
    with the onnx extra, ONNX), TensorBoard curves; candidates scored on the test images when given.
 
 A campaign lives in ``<storage>/<name>``; ``resume`` continues it without rerunning finished trials.
+Ray stays behind the :class:`~dfq_search.search.runner.Runner` the caller hands in: nothing here imports
+Ray or ``dfq_search.distributed``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from dfq_search.quant import LayerBits, trace_layers
 from dfq_search.search.define import PlanSpace, SpaceFunction
 from dfq_search.search.objective import DEFAULT_LABEL_FREE, LABEL_FREE, FidelityScorer, LabelledScorer
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
+from dfq_search.search.results import result_rows
 from dfq_search.search.resume import check_resumed
+from dfq_search.search.runner import Runner, TrialsSpec
 from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
@@ -243,7 +246,9 @@ class Prepared:
     meta: dict[str, Any]
 
 
-def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | None = None) -> Prepared:
+def prepare(
+    opts: CampaignOptions, run_dir: Path, runner: Runner, log: Log = print, bank: str | None = None
+) -> Prepared:
     """Everything before the trials (steps 1-4 of the module docstring); ``bank``: where generator
     samples spill (a path or URI every node reaches; default ``run_dir/bank``)."""
     from dfq_search.device import resolve_device
@@ -274,12 +279,9 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
     _check_metric(space.objective.metric, val is not None)
     draw = None
     if space.samples.source == "generator":
-        from dfq_search import distributed
-        from dfq_search.distributed.campaign import generator_samples
-
-        distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())  # the workers need Ray
+        runner.start(opts.address, opts.num_cpus)  # the generator workers
         bank, name = bank or str(run_dir / "bank"), f"{run_dir.name}-samples"
-        draw, heldout, seconds, origin = generator_samples(
+        draw, heldout, seconds, origin = runner.generator_samples(
             bundle, space.samples, bank, name, space.resources, log
         )
         samples = CampaignSamples(None, heldout, seconds, origin)
@@ -329,11 +331,8 @@ def prepare(opts: CampaignOptions, run_dir: Path, log: Log = print, bank: str | 
     return Prepared(bundle, plans, ctx, starts, test, meta)
 
 
-def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
-    """Run (or resume) a campaign and write its outputs; see the module docstring."""
-    from dfq_search import distributed
-    from dfq_search.distributed.tune import ProgressLine, TensorBoardCurves, TuneSetup, run_tuner
-
+def run_campaign(opts: CampaignOptions, log: Log = print, *, runner: Runner) -> CampaignResult:
+    """Run (or resume) a campaign on ``runner`` and write its outputs; see the module docstring."""
     start = time.perf_counter()
     store, resume = _open_store(opts, log)
     opts, run_dir = replace(opts, resume=resume), store.local
@@ -342,7 +341,7 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     if opts.resume:
         check_resumed(run_dir / "campaign.json", opts.space, _search_of(opts))
     try:
-        prep = prepare(opts, run_dir, log, store.location("bank"))
+        prep = prepare(opts, run_dir, runner, log, store.location("bank"))
     except DfqError:
         if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a mistake in the command leaves no empty campaign folder behind
@@ -352,36 +351,37 @@ def run_campaign(opts: CampaignOptions, log: Log = print) -> CampaignResult:
     (run_dir / "campaign.json").write_text(json.dumps({**meta, "space_resolved": asdict(s)}, indent=1))
     store.push()  # a campaign elsewhere than this machine can be resumed or reported from now on
     prep.ctx.p = prep.ctx.p.cpu()
-    distributed.init(opts.address, num_cpus=opts.num_cpus or os.cpu_count())
-    setup = TuneSetup(
-        SpaceFunction(prep.plans, seed=s.samples.seed),
-        warm_start_points(prep.plans, prep.starts),
-        prep.ctx,
-        search.trials,
-        search.sampler,
-        search.seed,
-        search.concurrency,
-        s.objective.mode,
-        s.objective.reports,
-        s.resources.trial_cpu,
-        s.resources.trial_gpu,
-        search.max_failures,
-        opts.time_budget,
-        [ProgressLine(search.trials, log), TensorBoardCurves(run_dir / "tensorboard")],
+    runner.start(opts.address, opts.num_cpus)
+    spec = TrialsSpec(
+        space_fn=SpaceFunction(prep.plans, seed=s.samples.seed),
+        points=warm_start_points(prep.plans, prep.starts),
+        ctx=prep.ctx,
+        trials=search.trials,
+        sampler=search.sampler,
+        seed=search.seed,
+        concurrency=search.concurrency,
+        mode=s.objective.mode,
+        reports=s.objective.reports,
+        trial_cpu=s.resources.trial_cpu,
+        trial_gpu=s.resources.trial_gpu,
+        max_failures=search.max_failures,
+        time_budget_s=opts.time_budget,
         explicit_gpu=opts.address is not None,
+        log=log,
+        curves=run_dir / "tensorboard",
     )
     log(
         f"campaign {store.where}: {search.trials} trials, {search.concurrency} at a time, "
         f"{search.sampler} sampler, objective {prep.ctx.scorer.metric} ({s.objective.mode})"
     )
     rss_before = _rss_mb()
-    grid = run_tuner(setup, store.tune_storage, opts.run_name, opts.resume)
+    runner.run_trials(spec, store.tune_storage, opts.run_name, opts.resume)
     store.pull()  # the trials, when they were written to a URI
     memory = {"before_trials_mb": rss_before, "after_trials_mb": _rss_mb(), "peak_mb": _peak_rss_mb()}
     left = None if opts.time_budget is None else opts.time_budget - (time.perf_counter() - start)
-    _refine(run_dir, prep, grid, search, opts.space.resources, left, log)
+    _refine(run_dir, prep, runner, search, opts.space.resources, left, log)
     store.push()
-    result = finalize(run_dir, prep, log, {"driver_memory": memory}, store.fetch)
+    result = finalize(run_dir, prep, runner.records(run_dir), log, {"driver_memory": memory}, store.fetch)
     store.push()
     if store.uri is not None:
         log(f"campaign stored at {store.uri} (local copy: {run_dir})")
@@ -396,21 +396,26 @@ def _search_of(opts: CampaignOptions) -> Search:
 
 
 def _refine(
-    run_dir: Path, prep: Prepared, grid: Any, search: Search, res: Resources, left: float | None, log: Log
+    run_dir: Path,
+    prep: Prepared,
+    runner: Runner,
+    search: Search,
+    res: Resources,
+    left: float | None,
+    log: Log,
 ) -> None:
     """Re-run the best plans with other seeds (:mod:`dfq_search.search.refine`), time allowing."""
-    from dfq_search.distributed.rerun import run_trials
     from dfq_search.search.outputs import mark_rows
     from dfq_search.search.refine import finalists, refine
-    from dfq_search.search.results import result_rows, trial_id
 
     if search.refine_top < 1:
         return
-    rows = result_rows(grid, prep.ctx.reports)
-    configs = {trial_id(g): dict(g.config or {}) for g in grid}
+    records = runner.records(run_dir)
+    rows = result_rows(records, prep.ctx.reports)
+    configs = {r.trial: r.config for r in records}
 
     def run(configs: list, done: Callable) -> None:
-        run_trials(configs, prep.ctx, res.trial_cpu, res.trial_gpu, done)
+        runner.rerun(configs, prep.ctx, res.trial_cpu, res.trial_gpu, done)
 
     targets = {
         r["trial"]: r for r in [*finalists(rows, search.refine_top), *mark_rows(rows, prep.starts).values()]

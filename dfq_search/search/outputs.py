@@ -23,6 +23,7 @@ from dfq_search.search.results import (
     result_rows,
     write_parquet,
 )
+from dfq_search.search.runner import TrialRecord
 
 Log = Callable[[str], None]
 
@@ -67,16 +68,16 @@ def mark_rows(rows: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, d
 def finalize(
     run_dir: Path,
     prep: Any,
+    records: list[TrialRecord],
     log: Log = print,
     extra: dict[str, Any] | None = None,
     fetch: Callable[[Path], None] | None = None,
 ) -> CampaignResult:
-    """Rows, front, best and every output file of the campaign in ``run_dir``; ``fetch(folder)``
-    brings a checkpoint folder that is not local yet (a campaign on a URI) before it is read."""
-    from dfq_search.distributed.tune import load_results
-
+    """Rows, front, best and every output file of the campaign in ``run_dir`` from its trials'
+    ``records`` (its runner's); ``fetch(folder)`` brings a checkpoint folder that is not local yet (a
+    campaign on a URI) before it is read."""
     meta = json.loads((run_dir / "campaign.json").read_text())
-    rows = result_rows(load_results(run_dir), int(meta.get("reports", 1)))
+    rows = result_rows(records, int(meta.get("reports", 1)))
     front, again = pareto_front(rows), reruns(run_dir)
     top = refined_best(rows, again, int(meta.get("search", {}).get("refine_top", 0)))
     starts = (

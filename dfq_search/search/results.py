@@ -1,7 +1,8 @@
 """A campaign's results as rows (one per trial), the Pareto front, and the files they are written to.
 
-Rows come from Tune's trial folders (:func:`dfq_search.distributed.tune.load_results`), so they can be
-rebuilt from a finished, interrupted or still running campaign (``dfq-search report <dir>``).
+Rows come from the runner's plain records of the trials (:class:`.runner.TrialRecord`, read from the
+campaign's folder), so they can be rebuilt from a finished, interrupted or still running campaign
+(``dfq-search report <dir>``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from dfq_search.cache import atomic_write
 from dfq_search.report import format_table
+from dfq_search.search.runner import TrialRecord
 
 STATUSES = ("complete", "stopped", "infeasible", "failed")
 TABLE = (
@@ -55,24 +57,15 @@ def failure_reason(error: Any) -> str | None:
     return lines[-1][:1000] if lines else type(error).__name__
 
 
-def trial_id(result: Any) -> str:
-    """The id of a Tune ``Result``'s trial (its folder's name when it reported nothing)."""
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name
-
-
-def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
-    """One row per trial of a Tune ``ResultGrid``: parameters, final metrics, every report, status,
-    timings, the failure reason and the checkpoint folder."""
+def result_rows(records: Sequence[TrialRecord], reports: int) -> list[dict[str, Any]]:
+    """One row per trial: parameters, final metrics, every report, status, timings, the failure reason
+    and the checkpoint folder."""
     rows = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        config = dict(result.config or {})
-        history = []
-        df = result.metrics_dataframe
-        if df is not None and "score" in df:
-            history = [_plain(float(v)) for v in df["score"].tolist()]
+    for result in records:
+        m, config = result.metrics, result.config
+        history = [_plain(float(v)) for v in result.scores]
         row: dict[str, Any] = {
-            "trial": trial_id(result),
+            "trial": result.trial,
             "status": _status(m, result.error, reports),
             "kind": config.get("kind"),
             "score": _plain(m.get("score")),
@@ -86,7 +79,7 @@ def result_rows(grid: Any, reports: int) -> list[dict[str, Any]]:
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),
             "error": failure_reason(result.error),
-            "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+            "checkpoint": result.checkpoint,
             "path": result.path,
         }
         rows.append(row)

@@ -12,6 +12,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from dfq_search.distributed import init, shutdown  # noqa: E402
+from dfq_search.distributed.runner import records_of  # noqa: E402
 from dfq_search.distributed.tune import TuneSetup, run_tuner  # noqa: E402
 from dfq_search.models import create_model  # noqa: E402
 from dfq_search.quant import LayerBits, trace_layers  # noqa: E402
@@ -66,10 +67,22 @@ def test_failed_and_nan_trials_are_recorded_and_the_campaign_goes_on(ray_session
     a4 = {**low, PROBE: LayerBits(4, 4)}  # probe activations at 4 bits: raises
     ok = {**low, PROBE: LayerBits(4, 8)}
     points = [plans.params_of(b) for b in (low, a4, ok)]
-    setup = TuneSetup(SpaceFunction(plans), points, ctx, 3, "random", 0, 2, "pareto", 2, 1.0, 0.0,
-                      1, None, [])  # fmt: skip
+    setup = TuneSetup(
+        space_fn=SpaceFunction(plans),
+        points=points,
+        ctx=ctx,
+        trials=3,
+        sampler="random",
+        seed=0,
+        concurrency=2,
+        mode="pareto",
+        reports=2,
+        trial_cpu=1.0,
+        trial_gpu=0.0,
+        max_failures=1,
+    )
     grid = run_tuner(setup, str(tmp_path), "faults", resume=False)
-    rows = {r["plan"]: r for r in result_rows(grid, 2)}
+    rows = {r["plan"]: r for r in result_rows(records_of(grid), 2)}
     assert len(rows) == 3
     by_kind = {}
     for r in rows.values():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from dfq_search.search.results import best, dominates, front_table, pareto_front, result_rows, write_parquet
+from dfq_search.search.runner import TrialRecord
 
 
 def _row(trial, score, size, status="complete", plan=None, checkpoint="ckpt", **extra):
@@ -95,13 +94,14 @@ class _Checkpoint:
 
 
 def _result(trial_id, metrics, config, scores=(), error=None, checkpoint=None):
-    df = pd.DataFrame({"score": list(scores)}) if scores else None
-    return SimpleNamespace(
+    """A trial as its runner records it (plain values: dfq_search.distributed.runner.records_of)."""
+    return TrialRecord(
+        trial=trial_id,
         metrics={"trial_id": trial_id, **metrics},
         config=config,
-        metrics_dataframe=df,
-        error=error,
-        checkpoint=None if checkpoint is None else _Checkpoint(checkpoint),
+        scores=list(scores),
+        error=None if error is None else str(error),
+        checkpoint=checkpoint,
         path=f"/runs/c/{trial_id}",
     )
 
@@ -147,10 +147,7 @@ def test_result_rows_from_tune_results():
 
 
 def test_result_rows_tolerate_missing_metrics():
-    empty = SimpleNamespace(
-        metrics=None, config=None, metrics_dataframe=None, error=None, checkpoint=None, path="/runs/c/t9"
-    )
-    [row] = result_rows([empty], reports=2)
+    [row] = result_rows([TrialRecord("t9", {}, {}, path="/runs/c/t9")], reports=2)
     assert row["trial"] == "t9" and row["status"] == "stopped" and row["score"] is None
 
 
