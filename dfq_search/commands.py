@@ -115,7 +115,11 @@ def _quantize(args: argparse.Namespace, s: Setup, plan: BitPlan) -> nn.Module:
 def _cost_row(s: Setup, plan: BitPlan, config_input: bool = False) -> dict:
     example = s.bundle.preprocess.example_input(device=s.device)
     cost = model_cost(s.bundle.model, plan, example, config_input).summary()
-    return {"size_KiB": cost["size_kib"], "MBOPs": cost["bops"] / 1e6, "mean_w_bits": cost["mean_w_bits"]}
+    return {
+        "size_KiB": cost["size_kib"],
+        "MBOPs": cost["bops"] / 1e6,
+        "bits_per_param": cost["bits_per_param"],
+    }
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ Biases and BatchNorm parameters are not part of the weight size (they stay in fl
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
@@ -50,9 +51,15 @@ class ModelCost:
         return sum(c.params for c in self.layers)
 
     @property
-    def mean_w_bits(self) -> float:
-        """Weight bits averaged over parameters (= size_bits / params)."""
+    def bits_per_param(self) -> float:
+        """Weight bits per parameter of every layer, a float one at its float bits (= size_bits / params);
+        the search's ``mean_weight_bits`` counts the quantized layers only (:meth:`mean_weight_bits`)."""
         return self.size_bits / max(self.params, 1)
+
+    def mean_weight_bits(self, quantized: Collection[str]) -> float:
+        """Weight bits per parameter of the layers named in ``quantized`` (the search's budget figure)."""
+        chosen = [c for c in self.layers if c.name in quantized]
+        return sum(c.size_bits for c in chosen) / max(sum(c.params for c in chosen), 1)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -61,7 +68,7 @@ class ModelCost:
             "bops": self.bops,
             "gbops": self.bops / 1e9,
             "macs": self.macs,
-            "mean_w_bits": self.mean_w_bits,
+            "bits_per_param": self.bits_per_param,
         }
 
     def rows(self) -> list[dict]:

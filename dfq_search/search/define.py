@@ -117,12 +117,10 @@ class PlanSpace:
 
     def cost(self, bits: Mapping[str, LayerBits]) -> dict[str, float]:
         c = layer_costs(self.layers, dict(bits))
-        quantized = [x for x in c.layers if x.name in bits]
-        params = sum(x.params for x in quantized)
         return {
             "size_kib": c.size_bits / 8192,
             "mbops": c.bops / 1e6,
-            "mean_weight_bits": sum(x.size_bits for x in quantized) / max(params, 1),
+            "mean_weight_bits": c.mean_weight_bits(bits),
         }
 
     def _compute_limits(self) -> dict[str, tuple[str, float]]:

@@ -30,7 +30,17 @@ def test_cost_matches_hand_computation():
     assert by_name["6"].size_bits == 640 * 4 and by_name["6"].bops == 640 * 16
     assert cost.size_bits == 864 + 72 + 2560
     assert cost.bops == 1728 * 256 + 576 * 12 + 640 * 16
-    assert abs(cost.mean_w_bits - (864 + 72 + 2560) / (108 + 36 + 640)) < 1e-12
+    assert abs(cost.bits_per_param - (864 + 72 + 2560) / (108 + 36 + 640)) < 1e-12
+
+
+def test_the_two_weight_bit_figures_are_named_apart():
+    """bits_per_param counts every layer (a float one at 32 bits); mean_weight_bits the quantized ones
+    (the search's budget figure): one name per figure."""
+    plan = BitPlan({"6": {"w": 4, "a": 4}})
+    cost = model_cost(small_model(), plan, torch.zeros(1, 3, 8, 8))
+    assert cost.mean_weight_bits({"6"}) == 4.0
+    assert cost.bits_per_param == cost.size_bits / cost.params > 4.0
+    assert "bits_per_param" in cost.summary() and "mean_w_bits" not in cost.summary()
 
 
 def test_float_layers_count_32_bits_and_cost_ignores_batch_size():
