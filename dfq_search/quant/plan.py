@@ -15,9 +15,10 @@ and patterns that match no layer are refused (a typo would otherwise be silently
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -25,6 +26,7 @@ from dfq_search.errors import DfqError, close_matches
 from dfq_search.quant.quantizers import ALLOWED_BITS
 
 DEFAULT_KEY = "_default"
+V = TypeVar("V")
 FIELDS = ("w", "a")
 _PLAN_FIX = "write each rule as NAME: {w: BITS, a: BITS}"
 
@@ -108,13 +110,10 @@ class BitPlan:
 
     def resolve(self, layer_names: Sequence[str]) -> dict[str, LayerBits]:
         """The bits of every covered layer of ``layer_names`` (uncovered layers stay float)."""
-        self._check_names(layer_names)
-        patterns = [(re.compile(k[3:]), v) for k, v in self._rules.items() if k.startswith("re:")]
-        default = self._rules.get(DEFAULT_KEY, {})
+        check_rule_keys(self._rules, layer_names, "bit plan")
         resolved: dict[str, LayerBits] = {}
         for name in layer_names:
-            chain = [self._rules.get(name, {})]
-            chain += [v for p, v in patterns if p.fullmatch(name)] + [default]
+            chain = rule_chain(self._rules, name)  # each field from the first rule that sets it
             bits = {f: next((r[f] for r in chain if f in r), None) for f in FIELDS}
             if bits["w"] is None and bits["a"] is None:
                 continue
@@ -127,23 +126,6 @@ class BitPlan:
                 )  # fmt: skip
             resolved[name] = LayerBits(bits["w"], bits["a"])
         return resolved
-
-    def _check_names(self, layer_names: Sequence[str]) -> None:
-        names = set(layer_names)
-        for key in self._rules:
-            if key == DEFAULT_KEY:
-                continue
-            if key.startswith("re:"):
-                if not any(re.fullmatch(key[3:], n) for n in layer_names):
-                    raise DfqError(
-                        "bit plan pattern matches no layer of the model", key,
-                        f"layers: {_shown(layer_names)}", "fix the pattern or remove the rule",
-                    )  # fmt: skip
-            elif key not in names:
-                raise DfqError(
-                    f"bit plan names a layer the model lacks{close_matches(key, names)}", key,
-                    f"layers: {_shown(layer_names)}", "use a layer name from the list, or 're:'",
-                )  # fmt: skip
 
     def save(self, path: str | Path) -> None:
         """Write the plan as YAML (rules in their precedence order)."""
@@ -161,6 +143,39 @@ class BitPlan:
             msg = str(err).replace("\n", " ")
             raise DfqError("bit plan is not valid YAML", str(path), msg, "fix the YAML") from None
         return cls(data)
+
+
+def rule_chain(rules: Mapping[str, V], name: str, groups: Collection[str] = ()) -> list[V]:
+    """The rules that cover layer ``name``, in precedence order: its exact name, the group keys it
+    belongs to (``groups``: e.g. a search space's ``_first_last`` for the edge layers), the matching
+    ``re:`` rules in the rules' order, then ``_default``. The one matcher of plans and search spaces."""
+    chain = [rules[name]] if name in rules else []
+    chain += [rules[g] for g in groups if g in rules]
+    chain += [v for k, v in rules.items() if k.startswith("re:") and re.fullmatch(k[3:], name)]
+    return chain + ([rules[DEFAULT_KEY]] if DEFAULT_KEY in rules else [])
+
+
+def check_rule_keys(
+    keys: Iterable[str], layer_names: Sequence[str], what: str, special: Collection[str] = (DEFAULT_KEY,)
+) -> None:
+    """Refuse a rule key that covers no layer of ``layer_names``: a name the model lacks (with close
+    matches) or a ``re:`` pattern matching none (a typo would otherwise be silently ignored);
+    ``special`` keys (``_default``, groups) cover layers by meaning."""
+    names = set(layer_names)
+    for key in keys:
+        if key in special:
+            continue
+        if key.startswith("re:"):
+            if not any(re.fullmatch(key[3:], n) for n in layer_names):
+                raise DfqError(
+                    f"{what} pattern matches no layer", key, f"layers: {_shown(layer_names)}",
+                    "fix the pattern or remove the rule (see 'dfq-search layers')",
+                )  # fmt: skip
+        elif key not in names:
+            raise DfqError(
+                f"{what} names a layer the model lacks{close_matches(key, names)}", key,
+                f"layers: {_shown(layer_names)}", "use a layer name from 'dfq-search layers', or 're:'",
+            )  # fmt: skip
 
 
 def _shown(names: Sequence[str], limit: int = 12) -> str:

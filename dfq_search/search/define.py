@@ -17,19 +17,18 @@ infeasible without any compute, and its excess over each limit goes to Optuna as
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dfq_search.errors import DfqError, close_matches
+from dfq_search.errors import DfqError
 from dfq_search.quant.cost import FLOAT_BITS, layer_costs
-from dfq_search.quant.plan import BitPlan, LayerBits
+from dfq_search.quant.plan import DEFAULT_KEY, BitPlan, LayerBits, check_rule_keys, rule_chain
 from dfq_search.quant.quantize import first_last_names
 from dfq_search.quant.trace import LayerInfo
 from dfq_search.search.space import SearchSpace
 
-FIRST_LAST, DEFAULT = "_first_last", "_default"
+FIRST_LAST, DEFAULT = "_first_last", DEFAULT_KEY
 
 
 @dataclass(frozen=True)
@@ -39,41 +38,19 @@ class LayerChoices:
     a: tuple[int, ...]
 
 
-def _check_rules(rules: Mapping[str, Any], names: Sequence[str], where: str) -> None:
-    for key in rules:
-        if key in (FIRST_LAST, DEFAULT):
-            continue
-        if key.startswith("re:"):
-            if not any(re.fullmatch(key[3:], n) for n in names):
-                raise DfqError(
-                    f"{where} pattern matches no layer",
-                    key,
-                    f"layers: {', '.join(names[:12])}",
-                    "fix the pattern (see 'dfq-search layers')",
-                )
-        elif key not in names:
-            raise DfqError(
-                f"{where} names a layer the model lacks{close_matches(key, names)}",
-                key,
-                f"layers: {', '.join(names[:12])}",
-                "see 'dfq-search layers'",
-            )
-
-
 def _lookup(rules: Mapping[str, tuple[int, ...]], name: str, edge: bool) -> tuple[int, ...] | None:
-    if name in rules:
-        return rules[name]
-    if edge and FIRST_LAST in rules:
-        return rules[FIRST_LAST]
-    hit = next((v for k, v in rules.items() if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
-    return hit if hit is not None else rules.get(DEFAULT)
+    """The choices of the first rule covering ``name`` (a space's rule gives both ends of a layer's
+    choices at once, where a plan's gives each field on its own): the plans' matcher, with
+    ``_first_last`` as the group of the edge layers."""
+    chain = rule_chain(rules, name, (FIRST_LAST,) if edge else ())
+    return chain[0] if chain else None
 
 
 def layer_choices(space: SearchSpace, layers: Sequence[LayerInfo]) -> list[LayerChoices]:
     """Each quantized layer's weight and activation choices (layers no rule covers stay float)."""
     names = [i.name for i in layers]
-    _check_rules(space.weight_bits, names, "bits.weight")
-    _check_rules(space.act_bits, names, "bits.activation")
+    check_rule_keys(space.weight_bits, names, "bits.weight", (FIRST_LAST, DEFAULT))
+    check_rule_keys(space.act_bits, names, "bits.activation", (FIRST_LAST, DEFAULT))
     edges = set(first_last_names(list(layers)))
     out = []
     for name in names:

@@ -78,3 +78,17 @@ def test_parse_bits():
         parse_bits("4/4")
     with pytest.raises(DfqError, match="not allowed"):
         parse_bits("W16A16")
+
+
+def test_one_matcher_for_plans_and_spaces():
+    """rule_chain is the precedence of both: exact name, groups (a space's _first_last), re: rules in
+    order, _default; a plan takes each field from the first rule that sets it, a space the first rule."""
+    from dfq_search.quant.plan import rule_chain
+
+    rules = {"_default": "d", "re:layer.*": "r1", "re:layer1.*": "r2", "_first_last": "g", "layer1.conv": "x"}
+    assert rule_chain(rules, "layer1.conv", ("_first_last",)) == ["x", "g", "r1", "r2", "d"]
+    assert rule_chain(rules, "layer1.bn") == ["r1", "r2", "d"]
+    assert rule_chain(rules, "fc", ("_first_last",)) == ["g", "d"]
+    assert rule_chain({"re:a": 1}, "b") == []
+    plan = BitPlan({"_default": {"w": 4, "a": 4}, "re:layer1.*": {"w": 2}, "layer1.conv": {"a": 8}})
+    assert plan.resolve(["layer1.conv", "fc"])["layer1.conv"] == LayerBits(2, 8)  # w from re:, a exact
