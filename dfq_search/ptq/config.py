@@ -132,3 +132,18 @@ class PTQConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def ignored(self, path: str) -> str | None:
+        """Why this config would ignore the setting at ``path`` (None: it reads it): e.g. ``percentile``
+        unless ``act_range`` is percentile, the reconstruction's settings without reconstruction."""
+        top = path.split(".")[0]
+        if top == "percentile" and self.act_range != "percentile":
+            return f"percentile is read with act_range percentile only (act_range is {self.act_range})"
+        reconstruction = ("recon", "modcap_k", "capacity", "stride_factor", "max_chain", "merges", "guard")
+        if top in reconstruction and not self.reconstruct:
+            return f"{top} is read by the reconstruction only, and reconstruct is false"
+        if top in ("capacity", "stride_factor", "max_chain") and not self.modcap_k:
+            return f"{top} is read by ModCap only, and modcap_k is 0"
+        if top == "stride_factor" and self.capacity != "free":
+            return f"stride_factor is read by the data-free capacity only (capacity is {self.capacity})"
+        return None

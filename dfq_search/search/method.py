@@ -14,8 +14,9 @@ distribution (:mod:`.knobs`: fixed, choices or a range).
 Defaults, types and allowed values are the configs' own (a setting not given is the config's default,
 or the preset's): a space is checked by building every config its knobs can give (every choice, both
 ends of every range; each knob in turn beside the others' first values when the combinations are too
-many), and a knob the preset would ignore (a bound of a loss term the preset lacks) is refused with the
-reason. A trial builds its configs the same way (:func:`ptq_config`, :func:`game_config`).
+many), and a knob that every one of them would ignore (a bound of a loss term the preset lacks,
+``percentile`` without ``act_range: percentile``, ModCap's settings at ``modcap_k: 0``) is refused with
+the reason. A trial builds its configs the same way (:func:`ptq_config`, :func:`game_config`).
 """
 
 from __future__ import annotations
@@ -113,25 +114,24 @@ def parse_method(section: Mapping[str, Any]) -> tuple[Knob, dict[str, Knob], dic
                            "trial would use them",
                            f"drop method.{part}, or add a kind with {part}")  # fmt: skip
     parts["qat"].setdefault(PRESET, Knob("qat.preset", (DEFAULT_PRESET,)))
-    _check("ptq", parts["ptq"], lambda combo: ptq_config(combo))
+    _check("ptq", parts["ptq"], ptq_config, lambda cfg, path: cfg.ignored(path))
     if any("qat" in k for k in kind.values()):
-        _check("qat", parts["qat"], _check_game)
+        _check("qat", parts["qat"], _game, _game_ignores)
     return kind, parts["ptq"], parts["qat"]
 
 
-def _check_game(combo: Mapping[str, Any]) -> None:
-    from dfq_search.qat.config import ignored_by
+def _game(combo: Mapping[str, Any]) -> Any:
     from dfq_search.qat.game import check_config
 
     cfg = game_config(combo)
     check_config(cfg)
-    for path, value in combo.items():
-        why = ignored_by(cfg, path) if path != PRESET else None
-        if why is not None:
-            preset = combo[PRESET]
-            raise DfqError(f"method.qat.{path} with preset {preset!r}", value,
-                           f"a setting {preset} reads ({why}: {preset} would ignore it)",
-                           f"drop {path}, or use a preset whose loss has that term")  # fmt: skip
+    return cfg
+
+
+def _game_ignores(cfg: Any, path: str) -> str | None:
+    from dfq_search.qat.config import ignored_by
+
+    return None if path == PRESET else ignored_by(cfg, path)
 
 
 def _combinations(knobs: Mapping[str, Knob]) -> Iterator[dict[str, Any]]:
@@ -148,16 +148,34 @@ def _combinations(knobs: Mapping[str, Knob]) -> Iterator[dict[str, Any]]:
             yield {**first, k: v}
 
 
-def _check(part: str, knobs: Mapping[str, Knob], build: Callable[[dict[str, Any]], Any]) -> None:
+def _check(
+    part: str,
+    knobs: Mapping[str, Knob],
+    build: Callable[[dict[str, Any]], Any],
+    ignores: Callable[[Any, str], str | None],
+) -> None:
+    """Build every combination's config (``build`` raises for a value the config refuses), then refuse
+    a knob that every one of them ignores (``ignores(config, path)``: why, or None)."""
+    unread = dict.fromkeys(knobs, "")  # path -> why the configurations so far ignore it
     for combo in _combinations(knobs):
         shown = {k: v for k, v in combo.items() if not knobs[k].fixed}
         at = f" (at {shown})" if shown else ""
         try:
-            build(combo)
+            cfg = build(combo)
         except DfqError as err:
-            if err.what.startswith("method."):
-                raise
             raise DfqError(f"method.{part}: {err.what}{at}", err.value, err.allowed, err.fix) from None
         except (TypeError, ValueError) as err:  # a value of the wrong type compared or converted
             raise DfqError(f"method.{part}{at}", combo, f"values of the config's field types ({err})",
                            "fix the value's type") from None  # fmt: skip
+        for path in list(unread):
+            why = ignores(cfg, path)
+            if why is None:
+                del unread[path]
+            else:
+                unread[path] = unread[path] or why
+    for path, why in unread.items():
+        preset = f" with preset {', '.join(map(repr, knobs[PRESET].values()))}" if PRESET in knobs else ""
+        raise DfqError(f"method.{part}.{path}{preset}", list(knobs[path].values()),
+                       f"a setting some trial reads ({why}, in every configuration the space gives)",
+                       f"drop {path}, or add a value that makes it read (e.g. a preset whose loss has the "
+                       "term, act_range: percentile, modcap_k > 0)")  # fmt: skip

@@ -197,9 +197,10 @@ def test_every_value_a_knob_can_take_builds_a_valid_config():
 def test_a_knob_the_preset_would_ignore_is_refused_with_the_reason(path):
     """gdfq's sample loss has no margin term: its bounds used to be dropped silently."""
     value = 0.9 if path.endswith("lambda_u") else 0.1
-    err = _refused(rf"method.qat.{path} with preset 'gdfq'.*read by the margin term.*gdfq would ignore it",
-                   method={"kind": "qat", "qat": {"preset": ["adadfq", "gdfq"], path: value}})  # fmt: skip
+    err = _refused(rf"method.qat.{path} with preset 'gdfq'.*read by the margin term.*every configuration",
+                   method={"kind": "qat", "qat": {"preset": "gdfq", path: value}})  # fmt: skip
     assert "bns, ce" in str(err)
+    _space(method={"kind": "qat", "qat": {"preset": ["adadfq", "gdfq"], path: value}})  # adadfq reads it
     for preset in ("adadfq", "adasg"):  # both have the margin term
         _space(method={"kind": "qat", "qat": {"preset": preset, path: value}})
     _refused(
@@ -208,6 +209,25 @@ def test_a_knob_the_preset_would_ignore_is_refused_with_the_reason(path):
     # a term's weight is read whatever the preset: a weight for a term the preset lacks adds the term
     added = _space(method={"kind": "qat", "qat": {"preset": "gdfq", "sample_loss.weights.agree": 0.1}})
     assert added.qat["sample_loss.weights.agree"].value == 0.1
+
+
+def test_a_ptq_knob_no_configuration_reads_is_refused():
+    """PTQConfig.ignored: percentile without percentile ranges, ModCap's settings at modcap_k 0, the
+    reconstruction's settings without reconstruction; read by some configuration: kept."""
+    _refused(
+        r"method.ptq.percentile.*act_range percentile only",
+        method={"ptq": {"act_range": "mse", "percentile": 99.9}},
+    )
+    _refused(r"method.ptq.capacity.*ModCap only", method={"ptq": {"capacity": ["data", "free"]}})
+    _refused(
+        r"method.ptq.recon.iters.*reconstruct is false",
+        method={"ptq": {"reconstruct": False, "recon.iters": 5}},
+    )
+    _refused(
+        r"method.ptq.stride_factor.*data-free capacity", method={"ptq": {"modcap_k": 1, "stride_factor": 0.4}}
+    )
+    _space(method={"ptq": {"act_range": ["mse", "percentile"], "percentile": 99.9}})
+    _space(method={"ptq": {"modcap_k": [0, 1], "capacity": ["data", "free"], "stride_factor": 0.4}})
 
 
 @pytest.mark.parametrize(
