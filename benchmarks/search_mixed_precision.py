@@ -81,8 +81,10 @@ def space_for(args, budget: int, sampler: str, seed: int):
         raw["budget"]["uniform_bops"] = f"W{budget}A4"
     raw["bits"]["weight"]["_default"] = list(args.weight_choices)
     raw["bits"]["activation"]["_default"] = list(args.act_choices)
-    raw["method"] = {"kind": "ptq", "ptq": {**raw["method"]["ptq"], "modcap_k": args.modcap_k,
-                                            "capacity": "data", "recon.iters": args.iters}}  # fmt: skip
+    ptq = {**raw["method"]["ptq"], "modcap_k": args.modcap_k, "capacity": "data", "recon.iters": args.iters}
+    if not args.modcap_k:  # capacity is read with modcap_k > 0 only: a knob no trial reads is refused
+        del ptq["capacity"]
+    raw["method"] = {"kind": "ptq", "ptq": ptq}
     raw["samples"]["calibration"] = args.calibration
     raw["search"] |= {"trials": args.trials, "sampler": sampler, "seed": seed,
                       "concurrency": args.concurrency}  # fmt: skip
