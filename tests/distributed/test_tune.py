@@ -173,27 +173,26 @@ def test_campaign_on_a_uri_lives_there_and_resumes_and_reports_from_it(tmp_path,
 
 
 def _trial_starts(run: Path) -> list[float]:
-    """When each trial's trainable began: its first report's timestamp less the time it had run."""
-    starts = []
-    for f in run.glob("trial_*/result.json"):
-        first = json.loads(f.read_text().splitlines()[0])
-        starts.append(first["timestamp"] - first["time_total_s"])
-    return starts
+    """When Tune started each trial: the time it wrote the trial's params.json (a trial stopped by the
+    budget before its first report has no result to tell it)."""
+    return [f.stat().st_mtime for f in run.glob("trial_*/params.json")]
 
 
 def test_time_budget_stops_starting_trials_and_keeps_the_best_so_far(tmp_path, shared_cache, patience):
-    path = smoke_space(tmp_path, "timed", iters=20, trials=500)
+    budget = round(patience(45))  # room for several trials of seconds, on this machine at its load
+    path = smoke_space(tmp_path, "timed", iters=5, trials=500)
     argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2",
-               "--time-budget", "20", "--name", "timed")  # fmt: skip
-    proc = patience.run(argv, "the 20 s campaign", 600, capture_output=True, text=True, env=env(shared_cache))
+               "--time-budget", str(budget), "--name", "timed")  # fmt: skip
+    proc = patience.run(argv, f"the {budget} s campaign", 600, capture_output=True, text=True,
+                        env=env(shared_cache))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "timed" / "results.parquet").to_pylist()
     assert 1 <= len(rows) < 500  # it stopped starting trials long before the 500th
-    assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None
+    assert json.loads((tmp_path / "timed" / "summary.json").read_text())["best"] is not None, proc.stdout
     starts = _trial_starts(tmp_path / "timed")
-    # every trial began within the budget (timestamps are whole seconds; a trial admitted at the end of
-    # the budget may wait for its worker a little longer on a loaded machine)
-    assert len(starts) == len(rows) and max(starts) - min(starts) <= 20 + patience(5)
+    # every trial began within the budget (a trial admitted at its end may be set up a little later
+    # on a loaded machine)
+    assert len(starts) == len(rows) and max(starts) - min(starts) <= budget + patience(5)
 
 
 def test_refined_campaign_ships_the_best_mean_plan_and_never_reruns_twice(tmp_path, shared_cache, patience):
