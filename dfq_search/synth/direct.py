@@ -6,8 +6,8 @@ learning-rate decay,
     L(x) = w_bn·L_BNS(P, roll(x)) + w_ce·CE(P(roll(x)), y) + w_tv·TV(x) + w_l2·mean(x²)
 
 where y is a random label, roll(x) a random circular shift of up to ``jitter`` pixels (a new one each
-step), L_BNS the BN-statistics loss of :mod:`dfq_search.synth.bn` (by default its scale-free form,
-``bn_relative``: each layer's misfit in units of its own running variance), and
+step), L_BNS the BN-statistics loss of :mod:`dfq_search.synth.bn` (with ``bn_relative`` its
+scale-free form: each layer's misfit in units of its own running variance), and
 TV(x) = mean |x[..., i+1, j] − x[..., i, j]| + mean |x[..., i, j+1] − x[..., i, j]|. After each step
 the pixels are clamped to the range real images can take (the normalized [0, 1] box) when ``clamp``.
 P stays in eval mode and its parameters get no gradient (only the pixels are asked for).
@@ -33,7 +33,7 @@ class DirectConfig:
     """Weights and schedule of direct image optimisation; every weight must be >= 0."""
 
     iterations: int = 100
-    lr: float = 1.0
+    lr: float = 0.25
     batch_size: int = 128
     bn_weight: float = 1.0
     ce_weight: float = 0.1
@@ -41,7 +41,7 @@ class DirectConfig:
     l2_weight: float = 0.01
     jitter: int = 2
     use_std: bool = False
-    bn_relative: bool = True
+    bn_relative: bool = False
     clamp: bool = True
     mean: tuple[float, ...] | None = None  # P's input normalization, for the clamp box; None = no box
     std: tuple[float, ...] | None = None
@@ -139,16 +139,15 @@ def synthesize_images(
     the clamp box of the pixels to what real images can reach. P is left unchanged (parameters,
     buffers, train/eval flag). ``progress(done, n_images)`` is called after every batch.
 
-    Defaults: 100 Adam steps, batch 128, the scale-free BN loss at lr 1.0. The absolute loss at lr
-    0.25 (the earlier default, chosen on ResNet-20: its BN loss fell from 72 on noise to 0.84, real
-    images 0.52) left networks whose BN inputs have small variances far from their statistics: on
-    mnist_dwnet the relative misfit of a batch stayed at 0.23 (real images 0.004), and data-free
-    BRECQ at W2A4 reached 83.3% against 95.3% with real images. Scale-free at lr 1.0: misfit 0.045
-    there and 94.9% (W3A3: 93.6 -> 96.6, real 97.1); on ResNet-20 the relative misfit falls from
-    0.19 to 0.064 (real training images: 0.065), the absolute loss from 0.85 to 0.73. All at 128-256
-    images, one seed; README "Synthesis that transfers". 1,024 images took 282 s on ONE torch thread
-    of a 2-core machine shared by three jobs; two threads on busy cores were ~10x slower (OpenMP
-    waits), so call ``torch.set_num_threads(1)`` on a shared machine.
+    Defaults (100 Adam steps at lr 0.25, batch 128, the absolute BN loss) were chosen on ResNet-20:
+    the BN loss falls from 72 (Gaussian noise) to 0.84, against 0.52 for real (JPEG) images. They
+    leave networks whose BN inputs have small variances far from their statistics: on mnist_dwnet
+    the relative misfit of a batch stays at 0.23 (real images 0.004) and data-free BRECQ at W2A4
+    reached 83.3% against 95.3% with real images. ``bn_relative=True, lr=1.0`` fits it to 0.045 and
+    gives 95.4% (2 seeds, real 95.2), but costs ResNet-20 1.4 points at W3A3 (256 images, 2 seeds),
+    so it is an option, not the default: README "The model panel, and synthesis that transfers".
+    1,024 images took 282 s on ONE torch thread of a 2-core machine shared by three jobs; two
+    threads on busy cores were ~10x slower (OpenMP waits), so call ``torch.set_num_threads(1)``.
     """
     cfg = config or DirectConfig()
     given: tuple[tuple[str, object], ...] = (
