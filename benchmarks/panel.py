@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="other DirectConfig fields, e.g. lr=0.25 bn_relative=false (the earlier defaults)",
+        help="other DirectConfig fields, e.g. bn_relative=true lr=1.0 (the scale-free BN loss)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--device", default="cpu")
