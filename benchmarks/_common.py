@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -28,3 +29,16 @@ def shared(rel: str) -> Path:
 def emit(result: dict) -> None:
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(result, sort_keys=True))
+
+
+def add_synth_args(p: argparse.ArgumentParser) -> None:
+    """The direct synthesizer's flags (``--synth-iters``, ``--synth-batch``, ``--synth-set KEY=VALUE``)."""
+    p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
+    p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
+    p.add_argument(
+        "--synth-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other DirectConfig fields, e.g. bn_relative=true lr=1.0 (the scale-free BN loss)",
+    )

@@ -33,7 +33,7 @@ import statistics
 import time
 
 import torch
-from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, emit, shared
+from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, add_synth_args, emit, shared
 from ptq_cifar import row_config, synthetic
 
 from dfq_search.data.folder import load_image_folder
@@ -61,15 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=128, help="held-out synthetic images (ModCap's k)")
     p.add_argument("--iters", type=int, default=200, help="reconstruction steps per unit")
     p.add_argument("--test-images", type=int, default=None, help="CIFAR: score on this many test images")
-    p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
-    p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
-    p.add_argument(
-        "--synth-set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="other DirectConfig fields, e.g. bn_relative=true lr=1.0 (the scale-free BN loss)",
-    )
+    add_synth_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()

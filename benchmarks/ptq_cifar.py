@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, emit, shared
+from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, add_synth_args, emit, shared
 
 from dfq_search.baselines import CalibSpec, calibration_batches
 from dfq_search.cache import atomic_write, cache_dir
@@ -60,15 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--act-range", default=PTQConfig.act_range, choices=["minmax", "percentile", "mse"])
     p.add_argument("--bn-reestimate", action="store_true")
     p.add_argument("--capacity", default=PTQConfig.capacity, choices=["data", "free"])
-    p.add_argument("--synth-iters", type=int, default=None, help="default: the synthesizer's")
-    p.add_argument("--synth-batch", type=int, default=None, help="default: the synthesizer's")
-    p.add_argument(
-        "--synth-set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="other DirectConfig fields, e.g. bn_relative=true lr=1.0 (the scale-free BN loss)",
-    )
+    add_synth_args(p)
     p.add_argument(
         "--source",
         default="direct",
