@@ -11,6 +11,11 @@ from pathlib import Path
 
 # Idle OpenMP threads spin by default; on a small, shared machine that slows torch many-fold.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray runs its workers at nice 15, so beside any other CPU-bound job (a busy laptop, a shared CI
+# runner) the trials and actors a test waits on get a few percent of the CPU while the test's own
+# clock (nice 0) runs on: measured 6% against a 2-thread matrix loop. Tests compete evenly instead;
+# the subprocess campaigns inherit it.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest
 import torch

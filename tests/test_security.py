@@ -208,6 +208,7 @@ def test_a_campaign_writes_nothing_outside_its_storage_and_cache(patience):
             allowed[k].mkdir()
         before = _tree(base)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "XDG_"))}
+        env["RAY_worker_niceness"] = os.environ.get("RAY_worker_niceness", "0")  # noqa: SIM112 (see conftest)
         for k in ("MPLCONFIGDIR", "TORCH_HOME", "HF_HOME", "TMP", "TEMP"):
             env.pop(k, None)
         env |= {"HOME": str(allowed["home"]), "DFQ_SEARCH_CACHE": str(allowed["cache"]),
