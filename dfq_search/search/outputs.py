@@ -161,6 +161,11 @@ def _print(result: CampaignResult, log: Log) -> None:
         log("warm starts:\n" + front_table(named, (*extra, *refined)))
     if result.best is not None:
         log("best:\n" + front_table([result.best], (*extra, *refined)))
+    else:
+        log(
+            "no best plan: no trial reached its final report (a --time-budget too short for one trial, or "
+            "every trial failed or stopped early); the reports it did make are in results.parquet"
+        )
     log(
         "files:\n"
         + "\n".join(f"  {k}: {v}" for k, v in result.files.items())
