@@ -22,6 +22,7 @@ from dfq_search.distributed.session import NAMESPACE
 from dfq_search.distributed.worker import WorkerPool
 from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import ModelBundle
+from dfq_search.search.runner import print_line
 from dfq_search.search.space import Resources, Samples
 
 HELDOUT_SEED = 7919
@@ -72,7 +73,7 @@ def _heldout(bundle: ModelBundle, buffer: SampleBuffer, configs: list[WorkerConf
 
 def generator_samples(
     bundle: ModelBundle, cfg: Samples, bank_uri: str, name: str, resources: Resources,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print_line,
 ) -> tuple[BufferDraw, Tensor, float, str]:  # fmt: skip
     """Fill (or reload) the campaign buffer; returns (draw, held-out samples, seconds, origin)."""
     start, configs = time.perf_counter(), _configs(cfg)

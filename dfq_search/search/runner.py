@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 Log = Callable[[str], None]
+
+
+def print_line(line: str) -> None:
+    """The default log: the line on standard output. A module function, not ``print`` itself: Tune
+    pickles its callbacks with the log in them, and ``print`` pickles only while ``builtins.print`` is
+    the object it was when this module was imported (a test or tool that swaps it breaks the pickle)."""
+    print(line, flush=True)
+
+
 # done(i, final metrics, the model file's bytes, error line): a rerun's result, as soon as it ends
 Done = Callable[[int, dict[str, Any] | None, bytes | None, str | None], None]
 
@@ -38,7 +47,7 @@ class TrialsSpec:
     max_failures: int
     time_budget_s: float | None = None
     explicit_gpu: bool = False  # on a cluster, ask for trial_gpu even before GPU nodes are up
-    log: Log = print  # one line per finished trial
+    log: Log = print_line  # one line per finished trial
     curves: Path | None = None  # a folder for TensorBoard curves of every trial
 
 
