@@ -24,7 +24,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from dfq_search.distributed.session import trial_device
-from dfq_search.search.runner import TrialsSpec
+from dfq_search.search.runner import TrialsSpec, print_line
 from dfq_search.search.trial import TrialContext, run_trial
 
 
@@ -124,7 +124,7 @@ def load_results(path: Path) -> tune.ResultGrid:
 class ProgressLine(tune.Callback):
     """One line per finished trial: its score, size and the best so far."""
 
-    def __init__(self, total: int, log: Callable[[str], None] = print) -> None:
+    def __init__(self, total: int, log: Callable[[str], None] = print_line) -> None:
         self.total, self.log, self.done, self.best = total, log, 0, None
         self.start = time.perf_counter()
 

@@ -33,7 +33,7 @@ from dfq_search.search.objective import DEFAULT_LABEL_FREE, LABEL_FREE, Fidelity
 from dfq_search.search.outputs import CampaignResult, finalize, score_on_test
 from dfq_search.search.results import result_rows
 from dfq_search.search.resume import check_resumed
-from dfq_search.search.runner import Runner, TrialsSpec
+from dfq_search.search.runner import Runner, TrialsSpec, print_line
 from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
@@ -247,7 +247,7 @@ class Prepared:
 
 
 def prepare(
-    opts: CampaignOptions, run_dir: Path, runner: Runner, log: Log = print, bank: str | None = None
+    opts: CampaignOptions, run_dir: Path, runner: Runner, log: Log = print_line, bank: str | None = None
 ) -> Prepared:
     """Everything before the trials (steps 1-4 of the module docstring); ``bank``: where generator
     samples spill (a path or URI every node reaches; default ``run_dir/bank``)."""
@@ -331,7 +331,7 @@ def prepare(
     return Prepared(bundle, plans, ctx, starts, test, meta)
 
 
-def run_campaign(opts: CampaignOptions, log: Log = print, *, runner: Runner) -> CampaignResult:
+def run_campaign(opts: CampaignOptions, log: Log = print_line, *, runner: Runner) -> CampaignResult:
     """Run (or resume) a campaign on ``runner`` and write its outputs; see the module docstring."""
     start = time.perf_counter()
     store, resume = _open_store(opts, log)

@@ -23,7 +23,7 @@ from dfq_search.search.results import (
     result_rows,
     write_parquet,
 )
-from dfq_search.search.runner import TrialRecord
+from dfq_search.search.runner import TrialRecord, print_line
 
 Log = Callable[[str], None]
 
@@ -69,7 +69,7 @@ def finalize(
     run_dir: Path,
     prep: Any,
     records: list[TrialRecord],
-    log: Log = print,
+    log: Log = print_line,
     extra: dict[str, Any] | None = None,
     fetch: Callable[[Path], None] | None = None,
 ) -> CampaignResult:

@@ -23,6 +23,7 @@ from typing import Any
 
 from dfq_search.fingerprint import config_hash
 from dfq_search.search.results import best, candidates
+from dfq_search.search.runner import print_line
 from dfq_search.search.trial import Memo
 
 REFINE_DIR = "refine"
@@ -61,7 +62,7 @@ def refine(
     configs: dict[str, dict],
     seeds: int,
     run: Callable,
-    log: Log = print,
+    log: Log = print_line,
     time_left: float | None = None,
     concurrency: int = 1,
 ) -> None:

@@ -21,6 +21,7 @@ from dfq_search.cache import atomic_write, cache_dir
 from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import ModelBundle
+from dfq_search.search.runner import print_line
 from dfq_search.search.space import Samples
 
 Log = Callable[[str], None]
@@ -79,7 +80,10 @@ def _bank(bundle: ModelBundle, cfg: Samples) -> tuple[Tensor, Tensor]:
 
 
 def campaign_samples(
-    bundle: ModelBundle, cfg: Samples, device: torch.device | str = "cpu", log: Callable[[str], None] = print
+    bundle: ModelBundle,
+    cfg: Samples,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print_line,
 ) -> CampaignSamples:
     """The calibration and held-out samples of a campaign (from the cache when made before)."""
     if cfg.source == "bank":
