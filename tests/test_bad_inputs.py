@@ -195,9 +195,9 @@ def _c_space_knobs_of_a_method_not_run(t):  # method.qat with kind ptq: no trial
     return Case(_run(t, p), ("method.qat knobs", "['ptq']", "train.q_lr"), [p])
 
 
-def _c_space_samples_key_the_source_ignores(t):  # samples.iterations with gaussian samples: ignored
-    p = _space(t, _set("samples.iterations", 50))
-    return Case(_run(t, p), ("samples.iterations", "gaussian", "50"), [p])
+def _c_space_samples_key_the_source_ignores(t):  # samples.direct with gaussian samples: ignored
+    p = _space(t, _set("samples.direct", {"iterations": 50}))
+    return Case(_run(t, p), ("samples.direct", "gaussian", "50"), [p])
 
 
 def _c_space_cmaes(t):  # CMA-ES on categorical bits: used to run a random sampler instead

@@ -32,6 +32,9 @@ def check_resumed(campaign_json: Path, space: SearchSpace, search: Search) -> No
             "rerun it with the space rewritten (iters -> recon.iters, ...) and --name NEW",
         )  # fmt: skip
     was = {**before.get("space_resolved", {}), "search": before.get("search", {})}
+    samples = was.get("samples") or {}
+    if "iterations" in samples:  # recorded before it was samples.direct.iterations (issue 15)
+        was["samples"] = {**samples, "direct": {"iterations": samples["iterations"]}}
     now = json.loads(json.dumps({**asdict(space), "search": asdict(search)}, default=str))
     keep = {f"search.{k}" for k in RESUME_FIXED}
     old, new = _leaves(was), _leaves(now)

@@ -49,7 +49,7 @@ def _direct(bundle: ModelBundle, n: int, seed: int, cfg: Samples, device, log: L
         pre.shape,
         bundle.num_classes,
         n,
-        iterations=cfg.iterations,
+        config=cfg.direct,
         seed=seed,
         device=device,
         preprocess=pre,
@@ -90,12 +90,9 @@ def campaign_samples(
         start = time.perf_counter()
         calib, heldout = _bank(bundle, cfg)
         return CampaignSamples(calib, heldout, time.perf_counter() - start, f"bank {cfg.bank}")
-    from dfq_search.synth.direct import DirectConfig
-
-    # the synthesizer's defaults are in the key: when they change, old samples are not taken for new
+    # every synthesis setting is in the key (cfg.direct): when a default changes, old samples are not new
     key = json.dumps(
-        [model_fingerprint(bundle.model), asdict(cfg), list(bundle.preprocess.shape), repr(DirectConfig())],
-        default=str,
+        [model_fingerprint(bundle.model), asdict(cfg), list(bundle.preprocess.shape)], default=str
     )
     path = cache_dir() / "synth" / f"campaign-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
     if path.is_file():

@@ -33,6 +33,7 @@ from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
 from dfq_search.quant.quantizers import ALLOWED_BITS
 from dfq_search.search.knobs import Knob, number, one_of, parse_knob
 from dfq_search.search.method import DEFAULT_PRESET, parse_method
+from dfq_search.synth.direct import DirectConfig
 
 SECTIONS = ("model", "bits", "budget", "method", "samples", "objective", "search", "resources")
 SAMPLERS = ("tpe", "random", "nsga2", "qmc", "gp")
@@ -114,7 +115,8 @@ class Budget:
 class Samples:
     """Where a campaign's samples come from.
 
-    direct: ZeroQ/DSG-style image optimisation in the driver (``iterations`` steps per batch);
+    direct: ZeroQ/DSG-style image optimisation in the driver (``direct``: settings of
+    :class:`~dfq_search.synth.direct.DirectConfig` by name, e.g. ``{iterations: 200, bn_relative: true}``);
     gaussian: noise; bank: a Parquet bank made by 'dfq-search generate' (``bank``: its path);
     generator: generator workers (Ray actors, one per entry of ``generators``, a game preset each)
     train against P for ``generator_steps`` steps, dropping their first ``keep_after`` steps'
@@ -126,7 +128,7 @@ class Samples:
     bank: str | None = None
     calibration: int = 256
     heldout: int = 256
-    iterations: int = 100
+    direct: DirectConfig = field(default_factory=DirectConfig)
     seed: int = 0
     generators: tuple[str, ...] = ("gdfq",)
     generator_steps: int = 300
@@ -220,10 +222,44 @@ def _budget(section: dict) -> Budget:
 
 # keys of samples and resources that only some sample sources read
 READ_BY = {
-    "samples": {"bank": "bank", "iterations": "direct", "generators": "generator",
+    "samples": {"bank": "bank", "direct": "direct", "generators": "generator",
                 "generator_steps": "generator", "keep_after": "generator"},
     "resources": {"worker_cpu": "generator", "worker_gpu": "generator"},
 }  # fmt: skip
+
+
+def _direct(value: Any) -> DirectConfig:
+    if not isinstance(value, Mapping):
+        raise DfqError("samples.direct", value, "a mapping of direct-synthesis settings",
+                       "e.g. direct: {iterations: 200, bn_relative: true}")  # fmt: skip
+    return DirectConfig.from_dict(value, "samples.direct")
+
+
+def _samples(data: Mapping) -> Samples:
+    raw = data.get("samples") or {}
+    if isinstance(raw, Mapping) and "iterations" in raw:  # before issue 15: a copy of DirectConfig's
+        raise DfqError("samples.iterations is now samples.direct.iterations", raw["iterations"],
+                       "samples: {direct: {iterations: N}} (any DirectConfig setting by name)",
+                       f"write direct: {{iterations: {raw['iterations']}}} under samples")  # fmt: skip
+    samples = _typed(
+        Samples,
+        _section(data, "samples", Samples.__dataclass_fields__),
+        "samples",
+        {
+            "source": one_of("samples.source", SOURCES),
+            "calibration": number("samples.calibration", 1, 10**6, integer=True),
+            "heldout": number("samples.heldout", 2, 10**6, integer=True),
+            "direct": _direct,
+            "generators": _presets,
+            "generator_steps": number("samples.generator_steps", 1, 10**7, integer=True),
+            "keep_after": number("samples.keep_after", 0, 10**7, integer=True),
+            "seed": number("samples.seed", 0, 2**31, integer=True),
+        },
+    )
+    if samples.source == "bank" and not samples.bank:
+        raise DfqError("samples.bank", None, "a bank URI when source is 'bank'", "add samples.bank: <path>")
+    _refuse_unread(data, samples.source)
+    return samples
 
 
 def _refuse_unread(data: Mapping, source: str) -> None:
@@ -254,24 +290,7 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
     model = _section(data, "model", ("name", "weights", "num_classes"))
     method = _section(data, "method", ("kind", "ptq", "qat"))
     kind, ptq, qat = parse_method(method)
-    samples = _typed(
-        Samples,
-        _section(data, "samples", Samples.__dataclass_fields__),
-        "samples",
-        {
-            "source": one_of("samples.source", SOURCES),
-            "calibration": number("samples.calibration", 1, 10**6, integer=True),
-            "heldout": number("samples.heldout", 2, 10**6, integer=True),
-            "iterations": number("samples.iterations", 0, 10**5, integer=True),
-            "generators": _presets,
-            "generator_steps": number("samples.generator_steps", 1, 10**7, integer=True),
-            "keep_after": number("samples.keep_after", 0, 10**7, integer=True),
-            "seed": number("samples.seed", 0, 2**31, integer=True),
-        },
-    )
-    if samples.source == "bank" and not samples.bank:
-        raise DfqError("samples.bank", None, "a bank URI when source is 'bank'", "add samples.bank: <path>")
-    _refuse_unread(data, samples.source)
+    samples = _samples(data)
     objective = _typed(
         Objective,
         _section(data, "objective", Objective.__dataclass_fields__),

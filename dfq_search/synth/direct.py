@@ -16,8 +16,9 @@ P stays in eval mode and its parameters get no gradient (only the pixels are ask
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from dfq_search.errors import DfqError
 from dfq_search.models.base import Preprocess
 from dfq_search.synth.bn import bn_loss, bn_statistics, require_bn
+
+FROM_MODEL = ("mean", "std")  # the pixel box: the model's preprocessing, never a user setting
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,22 @@ class DirectConfig:
                 raise DfqError(f"direct synthesis {name}", value, "an int >= 1", f"pass a positive {name}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise DfqError("direct synthesis jitter", self.jitter, "an int >= 0", "pass e.g. 2")
+        for name in ("use_std", "bn_relative", "clamp"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise DfqError(f"direct synthesis {name}", value, "true or false", f"set {name}: true")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "direct synthesis") -> DirectConfig:
+        """A config from user settings (a space file's ``samples.direct``, ``--synth-set``): every key a
+        field, except the pixel box (``mean``/``std``), which comes from the model's preprocessing."""
+        settable = [f.name for f in fields(cls) if f.name not in FROM_MODEL]
+        for key in data:
+            if key not in settable:
+                why = "set from the model's preprocessing" if key in FROM_MODEL else "not a setting"
+                raise DfqError(f"{where}.{key}", data[key], f"one of {', '.join(settable)} ({key}: {why})",
+                               f"drop {key}")  # fmt: skip
+        return cls(**data)
 
 
 def total_variation(x: Tensor) -> Tensor:

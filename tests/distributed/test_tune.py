@@ -90,7 +90,7 @@ def _finished(run: Path) -> dict[str, dict]:
 
 
 def test_campaign_killed_after_two_trials_resumes_without_rerunning(tmp_path, shared_cache, patience):
-    path = smoke_space(tmp_path, "slow", iters=1000)  # trials of seconds: the kill lands mid-campaign
+    path = smoke_space(tmp_path, "slow", iters=400)  # trials of seconds: the kill lands mid-campaign
     argv = cli(
         "run",
         "--space",
@@ -179,7 +179,7 @@ def _trial_starts(run: Path) -> dict[str, float]:
 
 
 def test_time_budget_stops_starting_trials_and_keeps_the_best_so_far(tmp_path, shared_cache, patience):
-    budget = round(patience(30))  # room for several trials of seconds, on this machine at its load
+    budget = round(patience(20))  # room for several trials of seconds, on this machine at its load
     path = smoke_space(tmp_path, "timed", iters=5, trials=500)
     argv = cli("run", "--space", str(path), "--storage", str(tmp_path), "--num-cpus", "2",
                "--time-budget", str(budget), "--name", "timed")  # fmt: skip

@@ -13,6 +13,7 @@ from dfq_search.quant import trace_layers
 from dfq_search.search.campaign import _check_modcap
 from dfq_search.search.define import PlanSpace
 from dfq_search.search.space import SPACE_DIR, load_space, parse_space
+from dfq_search.synth.direct import DirectConfig
 
 SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
 BASE = {"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}}}
@@ -257,14 +258,27 @@ def test_knobs_of_a_method_no_kind_runs_are_refused():
 
 
 def test_a_samples_key_the_source_would_ignore_is_refused():
-    _refused(r"samples.iterations with samples.source gaussian.*only with samples.source: direct",
-             samples={"source": "gaussian", "iterations": 5})  # fmt: skip
+    _refused(r"samples.direct with samples.source gaussian.*only with samples.source: direct",
+             samples={"source": "gaussian", "direct": {"iterations": 5}})  # fmt: skip
     _refused(r"samples.generators with samples.source direct", samples={"generators": ["gdfq"]})
     _refused(r"resources.worker_gpu with samples.source direct", resources={"worker_gpu": 1})
     _refused(r"samples.bank with samples.source direct", samples={"bank": "b"})
     gen = {"source": "generator", "generators": ["gdfq"], "keep_after": 3}
     _space(samples=gen, resources={"worker_gpu": 1})
-    _space(samples={"source": "direct", "iterations": 5})
+    _space(samples={"source": "direct", "direct": {"iterations": 5}})
+
+
+def test_direct_synthesis_settings_are_the_synthesizers_own():
+    space = _space(samples={"direct": {"iterations": 7, "bn_relative": True, "lr": 1}})
+    assert (space.samples.direct.iterations, space.samples.direct.bn_relative) == (7, True)
+    assert space.samples.direct.jitter == DirectConfig().jitter  # the rest: DirectConfig's defaults
+    assert _space().samples.direct == DirectConfig()
+    _refused(r"samples.iterations is now samples.direct.iterations", samples={"iterations": 50})
+    _refused(r"samples.direct.mean.*set from the model's preprocessing", samples={"direct": {"mean": [0.5]}})
+    _refused(r"samples.direct.itrations.*not a setting", samples={"direct": {"itrations": 5}})
+    _refused(r"direct synthesis iterations.*an int >= 1", samples={"direct": {"iterations": 0}})
+    _refused(r"direct synthesis bn_relative.*true or false", samples={"direct": {"bn_relative": "yes"}})
+    _refused(r"samples.direct.*a mapping", samples={"direct": 100})
 
 
 def test_cmaes_is_refused_with_the_reason():
