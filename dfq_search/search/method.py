@@ -117,7 +117,19 @@ def parse_method(section: Mapping[str, Any]) -> tuple[Knob, dict[str, Knob], dic
     _check("ptq", parts["ptq"], ptq_config, lambda cfg, path: cfg.ignored(path))
     if any("qat" in k for k in kind.values()):
         _check("qat", parts["qat"], _game, _game_ignores)
+        _require_length(parts["qat"])
     return kind, parts["ptq"], parts["qat"]
+
+
+def _require_length(knobs: Mapping[str, Knob]) -> None:
+    """A fine-tuning trial's length is the space's to say: the presets' own is the papers' full schedule
+    (80,000 steps: days per trial on a CPU, hours on a GPU), never what a search means by default."""
+    if "train.iterations" not in knobs:
+        steps = {p: game_config({PRESET: p}).train.iterations for p in knobs[PRESET].values()}
+        raise DfqError("method.qat without train.iterations", steps,
+                       "the steps of every fine-tuning trial, given in the space (the presets' own are "
+                       "the papers' full schedules)",
+                       "add e.g. train.iterations: 1000 to method.qat (presets warm up 800)")  # fmt: skip
 
 
 def _game(combo: Mapping[str, Any]) -> Any:

@@ -299,6 +299,7 @@ SEARCHED = {
         "kind": ["ptq", "ptq+qat"],
         "ptq": {"modcap_k": [0, 1], "recon.iters": 5},
         "qat": {
+            "train.iterations": 1000,
             "train.q_lr": {"low": 1e-6, "high": 1e-4, "log": True},
             "sample_loss.lambda_l": {"low": 0.0, "high": 0.4},
         },

@@ -20,8 +20,14 @@ BASE = {"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}
 
 
 def _space(**sections):
+    """A space of ``sections``; a fine-tuning one given a trial length (the space must say it) unless
+    it says one."""
     data = copy.deepcopy(BASE)
     data.update(copy.deepcopy(sections))
+    method = data.get("method", {})
+    kinds = method.get("kind", "ptq")
+    if "qat" in str(kinds) and isinstance(method.get("qat", {}), dict):
+        method["qat"] = {"train.iterations": 1000, **method.get("qat", {})}  # the presets warm up 800
     return parse_space(data)
 
 
@@ -64,7 +70,9 @@ def test_modcap_k_larger_than_the_model_allows_is_refused_before_compute():
     _check_modcap(space, bundle, example)
     with pytest.raises(DfqError, match=r"modcap_k too large for tiny_resnet.*\[0, 2\]"):
         _check_modcap(bad, bundle, example)
-    qat_only = parse_space({**_raw("tiny_smoke"), "method": {"kind": "qat"}})
+    qat_only = parse_space(
+        {**_raw("tiny_smoke"), "method": {"kind": "qat", "qat": {"train.iterations": 900}}}
+    )
     _check_modcap(qat_only, bundle, example)  # no PTQ, nothing to check
 
 
@@ -75,12 +83,26 @@ def test_defaults_and_knob_order():
     assert [k.name for k in space.knobs()] == ["kind"]  # no knob given: every setting is its config's
     both = _space(method={"kind": ["ptq", "qat"], "ptq": {"recon.iters": 5, "modcap_k": [0, 1]},
                           "qat": {"train.q_lr": 1e-4}})  # fmt: skip
-    names = ["kind", "ptq.recon.iters", "ptq.modcap_k", "qat.train.q_lr", "qat.preset"]
+    names = [
+        "kind",
+        "ptq.recon.iters",
+        "ptq.modcap_k",
+        "qat.train.iterations",
+        "qat.train.q_lr",
+        "qat.preset",
+    ]
     assert [k.name for k in both.knobs()] == names  # <part>.<path in its config>, in the file's order
     assert both.qat["preset"].value == "adadfq"
     assert not both.kind.fixed
     qat = _space(method={"kind": "qat"})
     assert not any(k.name.startswith("ptq.") for k in qat.knobs())
+
+
+def test_a_fine_tuning_space_says_how_long_a_trial_fine_tunes():
+    """The presets' lengths are the papers' 80,000 steps: a search that did not say would run them."""
+    with pytest.raises(DfqError, match=r"method.qat without train.iterations: got \{'gdfq': 80000"):
+        parse_space({**BASE, "method": {"kind": ["ptq", "ptq+qat"], "qat": {"preset": "gdfq"}}})
+    assert _space(method={"kind": "qat"}).qat["train.iterations"].value == 1000
 
 
 def test_numbers_written_as_yaml_strings_are_read_as_numbers():
@@ -296,7 +318,7 @@ def test_a_setting_no_knob_sets_is_its_configs():
     from dfq_search.search.method import game_config, ptq_config
 
     space = _space(method={"kind": ["ptq", "qat"]})
-    assert space.ptq == {} and list(space.qat) == ["preset"]
+    assert space.ptq == {} and list(space.qat) == ["train.iterations", "preset"]  # the length: _space's
     assert ptq_config({}) == PTQConfig() and PTQConfig().recon.iters == 300
     assert game_config({"preset": "adasg"}).sample_loss == load_config("adasg").sample_loss
 
