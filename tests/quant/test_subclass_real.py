@@ -69,8 +69,9 @@ def test_w8a8_of_a_subclass_model_agrees_with_float_on_real_images(shared_data: 
     assert model_cost(sub, plan, example).size_bits == model_cost(plain.model, plan, example).size_bits
     fp, qs = _logits(sub, batches), _logits(q_sub, batches)
     agree = (qs.argmax(1) == fp.argmax(1)).float().mean().item()
-    # the plain model's own W8A8 agrees 98.6-99.4% on these JPEG images (by observer and protocol): a
-    # tenth of the images sit within a few 8-bit steps of a tie. The claim here is that the subclass is
-    # that same quantized model, logit for logit, with its own forward kept.
-    assert agree >= 0.98, agree
+    # the floor: >= 99% of real images. Here 994 of 1,000 (min-max weights, EMA activation
+    # ranges on 500 training images); the 4 images of slack cover near-ties that another CPU's kernels
+    # round the other way. The claim beside it: the subclass is the plain quantized model, logit for
+    # logit, with its own forward kept.
+    assert agree >= 0.99, agree
     torch.testing.assert_close(qs, _logits(q_plain, batches), rtol=1e-4, atol=1e-3)
