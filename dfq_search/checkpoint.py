@@ -14,6 +14,7 @@ from torch import nn
 from dfq_search.cache import atomic_write
 from dfq_search.errors import DfqError
 from dfq_search.models.base import Preprocess
+from dfq_search.models.preprocessing import given, recorded
 from dfq_search.quant import BitPlan, QuantConfig, quantize_
 
 FORMAT = "dfq_search.quantized/1"
@@ -33,9 +34,8 @@ def save_quantized(
         "plan": plan.to_dict(),
         "config": asdict(config),
         "state_dict": model.state_dict(),
-        "preprocess": None if preprocess is None else {
-            "input_size": preprocess.input_size, "mean": list(preprocess.mean), "std": list(preprocess.std)},
-    }  # fmt: skip
+        "preprocess": None if preprocess is None else recorded(preprocess),
+    }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -55,9 +55,9 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> tupl
         ) from None  # fmt: skip
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DfqError("not a dfq_search checkpoint", str(path), f"format {FORMAT}", "pass such a file")
-    name, pre = payload["model"], payload.get("preprocess")
-    is_user = ":" in name and not name.startswith("tv:")  # only a user model takes preprocessing options
-    bundle = create_model(name, num_classes=payload["num_classes"], **(pre if pre and is_user else {}))
+    bundle = create_model(
+        payload["model"], num_classes=payload["num_classes"], **given(payload.get("preprocess") or {})
+    )
     plan, config = BitPlan(payload["plan"]), QuantConfig(**payload["config"])
     model = quantize_(bundle.model, plan, bundle.preprocess.example_input(), config)
     model.load_state_dict(payload["state_dict"])

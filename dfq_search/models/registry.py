@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -65,42 +65,37 @@ def create_model(
     weights: str | Path | None = None,
     num_classes: int | None = None,
     device: torch.device | str = "cpu",
-    *,
-    input_size: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
+    **preprocessing: Any,
 ) -> ModelBundle:
     """Build model ``name`` on ``device`` in eval mode, loading ``weights`` when given.
 
     ``weights`` None means random init (seeded where the model says so), except for models with a
-    built-in default such as ``digits_cnn``. ``input_size``, ``mean`` and ``std`` set the
-    preprocessing of a user's ``module:function`` model; registered models fix their own.
+    built-in default such as ``digits_cnn``. ``preprocessing`` (``input_size``, ``resize``, ``mean``,
+    ``std``; None: the model's own) sets the input of a user's or a torchvision model; a model
+    registered with fixed weights accepts only its own values (:mod:`dfq_search.models.preprocessing`).
     """
+    from dfq_search.models import preprocessing as prep
+
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
     ):
         raise DfqError("bad num_classes", num_classes, "None or an int >= 1", "pass e.g. 10")
+    unknown = sorted(set(preprocessing) - set(prep.KEYS))
+    if unknown:
+        raise DfqError("create_model options", unknown, f"preprocessing keys {prep.KEYS}", "drop them")
     path = None if weights is None else Path(weights).expanduser()
-    overrides = {"input_size": input_size, "mean": mean, "std": std}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    is_user = ":" in name and not name.startswith(TV_PREFIX)
-    if given and not is_user:
-        raise DfqError(
-            "preprocessing overrides apply only to user models",
-            given,
-            f"no input_size/mean/std for {name!r}, whose preprocessing is fixed by its weights",
-            "drop these options, or wrap the model in your own module:function",
-        )
-    if is_user:
+    fixed = False
+    if ":" in name and not name.startswith(TV_PREFIX):
         from dfq_search.models.user import build_user_model
 
-        bundle = build_user_model(name, path, num_classes, **given)
+        bundle = build_user_model(name, path, num_classes, **prep.given(preprocessing))
     elif name.startswith(TV_PREFIX):
         from dfq_search.models.torchvision_models import build_torchvision
 
         bundle = build_torchvision(name.removeprefix(TV_PREFIX), path, num_classes)
     elif name in _REGISTRY:
         bundle = _REGISTRY[name](path, num_classes)
+        fixed = not getattr(_REGISTRY[name], "any_input", False)
     else:
         raise unknown_name(
             "model",
@@ -108,5 +103,6 @@ def create_model(
             _REGISTRY,
             "pass a registered name, 'tv:<torchvision name>' or 'package.module:function'",
         )
+    bundle = prep.apply(bundle, preprocessing, fixed)
     bundle.model.to(device).eval()
     return bundle

@@ -69,6 +69,7 @@ def _register(name: str) -> None:
         return build_torchvision(name, weights, num_classes)
 
     factory.__doc__ = f"torchvision {name} (ImageNet preprocessing)."
+    factory.any_input = True  # type: ignore[attr-defined]  # runs at any size: preprocessing may change
 
 
 for _name in REGISTERED:

@@ -13,12 +13,13 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-import torch
 from torch import nn
 
 from dfq_search.errors import DfqError, close_matches
 from dfq_search.models.base import CIFAR_PREPROCESS, ModelBundle, Preprocess, seeded_build
+from dfq_search.models.preprocessing import check_input, with_overrides
 from dfq_search.models.weights import load_weights
 
 _FORM = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -29,12 +30,10 @@ def build_user_model(
     spec: str,
     weights: Path | None = None,
     num_classes: int | None = None,
-    *,
-    input_size: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
+    **preprocessing: Any,
 ) -> ModelBundle:
-    """Import and call ``spec``; preprocessing defaults to 32x32 with ImageNet mean/std.
+    """Import and call ``spec``; ``preprocessing`` (``input_size``, ``resize``, ``mean``, ``std``:
+    :mod:`dfq_search.models.preprocessing`) defaults to 32x32 with ImageNet mean/std.
 
     The number of channels is the length of ``mean``; ``num_classes`` None reads the width of the
     model's output on one example input.
@@ -70,7 +69,7 @@ def build_user_model(
             "a torch.nn.Module instance",
             "make the function return the model (e.g. 'return Net()')",
         )
-    preprocess = _preprocess(input_size, mean, std)
+    preprocess = with_overrides(CIFAR_PREPROCESS, preprocessing)
     if weights is not None:
         load_weights(model, weights, name=spec)
     model.eval()
@@ -100,26 +99,8 @@ def _import(module_name: str) -> ModuleType:
         ) from exc
 
 
-def _preprocess(
-    input_size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
-) -> Preprocess:
-    base = CIFAR_PREPROCESS
-    mean = tuple(mean) if mean is not None else base.mean
-    std = tuple(std) if std is not None else base.std
-    return Preprocess(input_size or base.input_size, None, mean, std, channels=len(mean))
-
-
 def _output_width(model: nn.Module, preprocess: Preprocess, spec: str) -> int:
-    try:
-        with torch.inference_mode():
-            out = model(preprocess.example_input(2))  # the model is still on CPU here
-    except Exception as exc:
-        raise DfqError(
-            f"{spec} failed on an input of shape {(2, *preprocess.shape)}",
-            f"{type(exc).__name__}: {exc}",
-            "a model that accepts the preprocessing's input shape",
-            "pass input_size/mean (channels = len(mean)) matching the model, or num_classes",
-        ) from exc
+    out = check_input(model, preprocess, spec)  # the model is still on CPU here
     if out.dim() != 2:
         raise DfqError(
             f"{spec} output is not [batch, classes]",

@@ -150,9 +150,26 @@ def test_user_model_errors(helper_on_path, name, message):
         create_model(name, num_classes=num_classes)
 
 
-def test_preprocess_overrides_refused_for_registered_models():
-    with pytest.raises(DfqError, match="only to user models"):
+def test_preprocessing_of_a_fixed_model_is_its_own_or_refused():
+    with pytest.raises(
+        DfqError, match=r"contradicts cifar_resnet20: got \{'input_size': 64\}.*'input_size': 32"
+    ):
         create_model("cifar_resnet20", input_size=64)
+    own = create_model("cifar_resnet20", input_size=32, mean=[0.485, 0.456, 0.406])  # its own: accepted
+    assert own.preprocess == create_model("cifar_resnet20").preprocess
+    with pytest.raises(DfqError, match="preprocessing keys"):
+        create_model("cifar_resnet20", input_sise=32)
+
+
+def test_a_torchvision_model_takes_another_input_size_and_keeps_its_resize_ratio():
+    bundle = create_model("tv:mobilenet_v3_small", num_classes=5, input_size=96)
+    assert (bundle.preprocess.input_size, bundle.preprocess.resize) == (96, 110)  # 256/224 of 96
+    assert bundle.model(bundle.preprocess.example_input(2)).shape == (2, 5)
+    assert create_model("resnet18", input_size=64, resize=64).preprocess.resize == 64
+    with pytest.raises(DfqError, match=r"resnet18 failed on an input of shape \(2, 1, 224, 224\).*--mean"):
+        create_model("resnet18", mean=[0.5], std=[0.5])
+    with pytest.raises(DfqError, match="--mean without --std"):
+        create_model("resnet18", mean=[0.5])
 
 
 def test_torchvision_models_by_name():
