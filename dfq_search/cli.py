@@ -15,12 +15,25 @@ DEFAULT_MODEL = "digits_cnn"
 DEFAULT_BITS = ("W8A8", "W4A4", "W3A3")
 
 
+def _add_preprocessing_args(p: argparse.ArgumentParser) -> None:
+    """How images become the model's input (default: the model's own; a user's model: 32x32 RGB with
+    ImageNet's mean/std); the channel count is the number of --mean values."""
+    g = p.add_argument_group("preprocessing (default: the model's own)")
+    g.add_argument("--input-size", type=int, help="side of the square input, e.g. 28 or 224")
+    g.add_argument("--resize", type=int, help="shorter side before the center crop (e.g. 256 for 224)")
+    g.add_argument(
+        "--mean", type=float, nargs="+", help="per-channel mean, e.g. 0.1307 (one value: grayscale)"
+    )
+    g.add_argument("--std", type=float, nargs="+", help="per-channel std, as many values as --mean")
+
+
 def _add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="registered name (see 'dfq-search models'), 'tv:<torchvision name>' or "
                    "'package.module:function' (default: %(default)s, the embedded default)")  # fmt: skip
     p.add_argument("--weights", type=Path, help="weights file of the model (state dict)")
     p.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
+    _add_preprocessing_args(p)
     p.add_argument("--data", type=Path,
                    help="labelled evaluation images, an ImageFolder directory "
                    "(default for digits_cnn: its held-out digits split)")  # fmt: skip
@@ -77,6 +90,7 @@ def _add_campaign_parsers(sub) -> None:
     run.add_argument("--model", help="model (default: the space's model.name); see 'dfq-search models'")
     run.add_argument("--weights", help="weights file of the model (default: the space's model.weights)")
     run.add_argument("--num-classes", type=int, help="number of classes, if not the model's default")
+    _add_preprocessing_args(run)
     run.add_argument("--storage", default="runs", help="where campaigns live: a folder (default runs/) "
                      "or a URI every node reaches, e.g. s3://bucket/prefix")  # fmt: skip
     run.add_argument("--name", help="campaign name (default: <model>-<space>-<hash of the settings>)")

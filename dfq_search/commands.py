@@ -17,6 +17,7 @@ from dfq_search.device import resolve_device
 from dfq_search.errors import DfqError
 from dfq_search.evaluate import Evaluator
 from dfq_search.models import ModelBundle, create_model, list_models
+from dfq_search.models.preprocessing import given
 from dfq_search.quant import BitPlan, get_protocol, model_cost, parse_bits, trace_layers
 from dfq_search.report import format_table
 
@@ -34,8 +35,14 @@ def _setup(args: argparse.Namespace, need_data: bool = True) -> Setup:
     if args.batch_size < 1:
         raise DfqError("--batch-size", args.batch_size, "an integer >= 1", "pass e.g. --batch-size 500")
     device = resolve_device(args.device)
-    bundle = create_model(args.model, args.weights, args.num_classes, device)
+    bundle = create_model(args.model, args.weights, args.num_classes, device, **preprocessing(args))
     return Setup(bundle, _load_data(args, bundle) if need_data else None, device)
+
+
+def preprocessing(args: argparse.Namespace) -> dict:
+    """The preprocessing flags the command was given (``--input-size``, ``--resize``, ``--mean``,
+    ``--std``), by :func:`~dfq_search.models.create_model`'s names."""
+    return given(vars(args))
 
 
 def _load_data(args: argparse.Namespace, bundle: ModelBundle) -> ImageData:

@@ -17,6 +17,7 @@ from dfq_search.device import resolve_device
 from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import create_model
+from dfq_search.models.preprocessing import given
 from dfq_search.report import format_table
 
 
@@ -60,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_args(args)
     configs = _configs(args)  # refuses a bad preset or --set before anything is written
     device = resolve_device(args.device)
-    bundle = create_model(args.model, args.weights, args.num_classes, device)
+    bundle = create_model(args.model, args.weights, args.num_classes, device, **given(vars(args)))
     header = BankHeader(model_fingerprint(bundle.model), bundle.preprocess.shape, bundle.num_classes,
                         bundle.name, args.encoding)  # fmt: skip
     bank = SampleBank.create(args.bank, header)

@@ -8,8 +8,9 @@ from dfq_search.errors import DfqError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dfq_search.models.preprocessing import given
     from dfq_search.search.campaign import CampaignOptions, run_campaign
-    from dfq_search.search.space import load_space
+    from dfq_search.search.space import load_space, with_model_flags
 
     for flag in ("trials", "concurrency", "num_cpus", "num_classes"):
         value = getattr(args, flag)
@@ -33,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_address(args.address)
     opts = CampaignOptions(
-        load_space(args.space),
+        with_model_flags(load_space(args.space), args.model, given(vars(args))),
         args.model,
         args.weights,
         args.num_classes,

@@ -293,6 +293,19 @@ def _c_run_weights_of_other_model(t):
     return Case(_run(t, "tiny_smoke", "--weights", str(w)), ("do not match tiny_resnet", "tiny_cnn.pt"), [w])
 
 
+def _c_run_preprocessing_contradicts_the_model(t):  # tiny_resnet's weights fix its 16x16 input
+    return Case(_run(t, "tiny_smoke", "--input-size", "32"), ("contradicts tiny_resnet", "32", "16"))
+
+
+def _c_eval_mean_without_std(t):  # one mean (grayscale) and the default 3-channel std
+    return Case(["eval", "--model", "tv:resnet18", "--mean", "0.5"], ("--mean without --std", "0.5"))
+
+
+def _c_eval_grayscale_for_an_rgb_model(t):
+    argv = ["eval", "--model", "tv:resnet18", "--input-size", "64", "--mean", "0.5", "--std", "0.5"]
+    return Case(argv, ("resnet18 failed on an input of shape (2, 1, 64, 64)", "3 channels"))
+
+
 def _c_run_bad_address(t):
     argv = _run(t, "tiny_smoke", "--address", "not-a-host:99999")
     return Case(argv, ("bad Ray address", "not-a-host:99999", "1..65535"), absent=[t / "store"])

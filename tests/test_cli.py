@@ -105,3 +105,64 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model" in proc.stderr
+
+
+HELPER = "dfq_user_model_helper:build"  # tests/models/dfq_user_model_helper.py: 1-channel 16x16 BN CNN
+GRAY = ["--input-size", "16", "--mean", "0.5", "--std", "0.25"]
+
+
+def _gray_folder(root: Path, per_class: int = 3) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (16, 16), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_grayscale_user_model_from_the_command_line_alone(capsys, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "models"))
+    data = _gray_folder(tmp_path / "gray")
+    model = ["--model", HELPER, "--num-classes", "2", *GRAY]
+    code, out, err = run_cli(capsys, "layers", *model, "--bits", "W4A4")
+    assert code == 0 and "0.weight" not in err, err
+    code, out, err = run_cli(capsys, "eval", *model, "--data", str(data))
+    assert code == 0, err
+    ckpt = tmp_path / "q.pt"
+    code, out, err = run_cli(capsys, "quantize", *model, "--bits", "W8A8", "--calib", str(data), "--data",
+                             str(data), "--out", str(ckpt))  # fmt: skip
+    assert code == 0 and ckpt.is_file(), err
+    code, again, err = run_cli(capsys, "eval", "--checkpoint", str(ckpt), "--data", str(data))
+    assert code == 0, err  # rebuilt at 1x16x16 from what the checkpoint recorded: the same model
+    assert float(again.splitlines()[2].split()[2]) == float(out.splitlines()[2].split()[5])
+
+    code, _, err = run_cli(capsys, "eval", "--model", HELPER, "--data", str(data))  # 3x32x32 by default
+    assert code == 2 and "failed on an input of shape (2, 3, 32, 32)" in err and "--mean" in err
+    code, _, err = run_cli(capsys, "eval", "--model", "digits_cnn", "--input-size", "28")
+    assert code == 2 and "contradicts digits_cnn" in err and "Traceback" not in err
+
+
+def test_a_campaign_takes_the_preprocessing_flags_over_its_space(tmp_path, monkeypatch):
+    from dfq_search.search.campaign import CampaignOptions, prepare
+    from dfq_search.search.space import parse_space, with_model_flags
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "models"))
+    space = parse_space({
+        "model": {"name": "tiny_resnet", "input_size": 24},
+        "bits": {"weight": {"_default": [4, 8]}, "activation": {"_default": [8]}},
+        "method": {"kind": "ptq", "ptq": {"modcap_k": 0, "recon.iters": 2}},
+        "samples": {"source": "gaussian", "calibration": 8, "heldout": 8},
+    })  # fmt: skip
+    flags = {"input_size": 16, "mean": (0.5,), "std": (0.25,), "resize": None}
+    mine = with_model_flags(space, HELPER, flags)
+    assert (mine.model.input_size, mine.model.mean) == (16, (0.5,))
+    assert with_model_flags(space, HELPER, {}).model.input_size is None  # written for tiny_resnet: dropped
+    assert with_model_flags(space, None, {}).model.input_size == 24  # no --model: the space's own
+    prep = prepare(CampaignOptions(mine, model=HELPER, num_classes=2), tmp_path / "run", runner=None)
+    assert (
+        prep.bundle.preprocess.shape == prep.ctx.input_shape == tuple(prep.ctx.calib.shape[1:]) == (1, 16, 16)
+    )
+    assert prep.meta["preprocess"] == {"input_size": 16, "resize": None, "mean": [0.5], "std": [0.25]}

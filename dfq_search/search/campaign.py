@@ -27,6 +27,7 @@ import torch
 
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle, create_model
+from dfq_search.models.preprocessing import given, recorded
 from dfq_search.quant import LayerBits, trace_layers
 from dfq_search.search.define import PlanSpace, SpaceFunction
 from dfq_search.search.objective import DEFAULT_LABEL_FREE, LABEL_FREE, FidelityScorer, LabelledScorer
@@ -259,6 +260,9 @@ def prepare(
         opts.weights or (opts.space.model.weights if not opts.model else None),
         opts.num_classes or space.model.num_classes,
         device,
+        **given(
+            asdict(space.model)
+        ),  # the space's preprocessing, with the command's flags (with_model_flags)
     )
     example = bundle.preprocess.example_input(device=device)
     layers = trace_layers(bundle.model, example)
@@ -316,6 +320,7 @@ def prepare(
     starts = warm_starts(plans, space.search.warm_start)
     meta = {
         "model": bundle.name,
+        "preprocess": recorded(bundle.preprocess),
         "space": space.source,
         "objective": scorer.metric,
         "samples": samples.origin,

@@ -22,14 +22,15 @@ its path in the config that owns it (:mod:`.method`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dfq_search.errors import DfqError, refuse_unknown_keys, unknown_name
+from dfq_search.models.preprocessing import KEYS as PREPROCESSING
 from dfq_search.quant.quantizers import ALLOWED_BITS
 from dfq_search.search.knobs import Knob, number, one_of, parse_knob
 from dfq_search.search.method import DEFAULT_PRESET, parse_method
@@ -82,9 +83,40 @@ def _bits_rules(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class ModelRef:
+    """The model a space is written for, and its preprocessing (None: the model's own; see
+    :mod:`dfq_search.models.preprocessing`). ``--model`` replaces all of it but what flags give."""
+
     name: str | None = None
     weights: str | None = None
     num_classes: int | None = None
+    input_size: int | None = None
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def with_model_flags(space: SearchSpace, model: str | None, flags: Mapping[str, Any]) -> SearchSpace:
+    """``space`` whose model section says what the command's flags do: ``--model`` drops the section's
+    preprocessing (it was written for another model), the preprocessing flags replace its keys."""
+    keep = {} if model is None else {k: None for k in PREPROCESSING}
+    return replace(
+        space, model=replace(space.model, **{**keep, **{k: v for k, v in flags.items() if v is not None}})
+    )
+
+
+def _floats(where: str) -> Callable[[Any], tuple[float, ...]]:
+    def check(value: Any) -> tuple[float, ...]:
+        values = value if isinstance(value, list | tuple) else [value]
+        if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise DfqError(
+                where,
+                value,
+                "a list of numbers, one per input channel",
+                "e.g. [0.5] or [0.485, 0.456, 0.406]",
+            )
+        return tuple(float(v) for v in values)
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -287,7 +319,7 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
             "both weight and activation rules",
             "add bits: {weight: {_default: [2, 3, 4]}, activation: {_default: [4]}}",
         )
-    model = _section(data, "model", ("name", "weights", "num_classes"))
+    model = _section(data, "model", ModelRef.__dataclass_fields__)
     method = _section(data, "method", ("kind", "ptq", "qat"))
     kind, ptq, qat = parse_method(method)
     samples = _samples(data)
@@ -337,7 +369,17 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
     return SearchSpace(
         _bits_rules(bits["weight"], "bits.weight"),
         _bits_rules(bits["activation"], "bits.activation"),
-        _typed(ModelRef, model, "model", {}),
+        _typed(
+            ModelRef,
+            model,
+            "model",
+            {
+                "input_size": number("model.input_size", 1, 10**5, integer=True),
+                "resize": number("model.resize", 1, 10**5, integer=True),
+                "mean": _floats("model.mean"),
+                "std": _floats("model.std"),
+            },
+        ),
         _budget(_section(data, "budget", (*BUDGETS, "repair"))),
         kind,
         ptq,
