@@ -44,11 +44,11 @@ def _add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=Path, help="bit plan YAML (rules by layer name, 're:' or _default)")
     p.add_argument("--bits", help="a uniform plan, e.g. W4A4 (with --protocol)")
-    p.add_argument("--protocol", default="generative", help="generative (all layers at the bits) or "
-                   "ptq (first/last layer at 8 bits, MSE weight ranges) (default: %(default)s)")  # fmt: skip
-    p.add_argument("--calib", default="gaussian",
-                   help="calibration source: 'gaussian' noise (default) or an ImageFolder directory "
-                   "of real images (the real-data reference)")  # fmt: skip
+    p.add_argument("--protocol", help="generative (all layers at the bits) or ptq (first/last layer at "
+                   "8 bits, MSE weight ranges) (default: ptq with --method ptq or ptq+finetune, else "
+                   "generative)")  # fmt: skip
+    p.add_argument("--calib", help="round-to-nearest's calibration: 'gaussian' noise (default) or an "
+                   "ImageFolder directory of real images (the real-data reference)")  # fmt: skip
     p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
 
@@ -112,6 +112,8 @@ def _add_campaign_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dfq_search.commands_quantize import add_method_args
+
     parser = argparse.ArgumentParser(
         prog="dfq-search",
         description="Data-free quantization of BatchNorm CNNs, and a search for per-layer bit widths. "
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize a model by a plan and save the checkpoint")
     _add_model_args(qz)
     _add_plan_args(qz)
+    add_method_args(qz)
     qz.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
     qz.add_argument("--no-eval", action="store_true", help="skip the evaluation of the result")
     ly = sub.add_parser("layers", help="the quantizable layers of a model, with their cost under a plan")

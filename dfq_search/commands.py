@@ -67,8 +67,13 @@ def _load_data(args: argparse.Namespace, bundle: ModelBundle) -> ImageData:
     return data
 
 
+def _protocol(args: argparse.Namespace) -> str:
+    """``--protocol``, else the method's: ``ptq`` for a reconstruction, ``generative`` otherwise."""
+    return args.protocol or ("ptq" if "ptq" in getattr(args, "method", "rtn") else "generative")
+
+
 def _plan(args: argparse.Namespace, bundle: ModelBundle, bits: str | None = None) -> BitPlan:
-    protocol = get_protocol(args.protocol)
+    protocol = get_protocol(_protocol(args))
     bits = bits or getattr(args, "bits", None)
     if getattr(args, "plan", None) is not None:
         if bits is not None:
@@ -91,6 +96,7 @@ def _device_of(bundle: ModelBundle) -> torch.device:
 
 def _calib(args: argparse.Namespace) -> CalibSpec:
     """The calibration source, checked before any data is loaded."""
+    args.calib = args.calib or GAUSSIAN
     if args.calib != GAUSSIAN and not Path(args.calib).expanduser().is_dir():
         raise DfqError(
             "calibration source not found", args.calib, f"{GAUSSIAN!r} or an ImageFolder directory",
@@ -115,7 +121,7 @@ def _check_out(path: Path) -> None:
 
 def _quantize(args: argparse.Namespace, s: Setup, plan: BitPlan) -> nn.Module:
     calib = _calib(args)
-    config = get_protocol(args.protocol).config
+    config = get_protocol(_protocol(args)).config
     return round_to_nearest(s.bundle.model, plan, s.bundle.preprocess, calib, config, s.device)
 
 
@@ -179,24 +185,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from dfq_search.checkpoint import save_quantized
+    from dfq_search.checkpoint import load_quantized, save_quantized
+    from dfq_search.commands_quantize import check_method_args, method_of, real_images
 
     _check_out(args.out)
+    check_method_args(args)
     s = _setup(args, need_data=False)
     plan = _plan(args, s.bundle)
-    _calib(args)
+    method = None if args.method == "rtn" else method_of(args)  # every setting checked before compute
+    if method is None:
+        _calib(args)
     s.data = None if args.no_eval else _load_data(args, s.bundle)
-    q = _quantize(args, s, plan)
-    config = get_protocol(args.protocol).config
-    path = save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config, s.bundle.preprocess)
-    row = {"model": s.bundle.name, **_cost_row(s, plan)}
+    row: dict = {"model": s.bundle.name, "method": args.method, **_cost_row(s, plan)}
+    start = time.perf_counter()
+    if method is None:
+        q = _quantize(args, s, plan)
+        config = get_protocol(_protocol(args)).config
+        save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config, s.bundle.preprocess)
+    else:
+        from dfq_search.search.single import quantize_once
+
+        log = lambda line: print(line, flush=True)  # noqa: E731
+        got = quantize_once(s.bundle, plan, method, args.out, s.device, log,
+                            real_images(args, s.bundle.preprocess))  # fmt: skip
+        q, _ = load_quantized(args.out, s.device)
+        m = got.metrics
+        row |= {"agreement_P": m["agreement"], "kl_P": m["kl"], "mse_P": m["mse"], "samples_s": got.samples_s}
+        if m.get("guard_kept") == "rtn":
+            print("guard: the reconstruction was further from P on the held-out samples than "
+                  "round-to-nearest; kept round-to-nearest", flush=True)  # fmt: skip
+    row["seconds"] = time.perf_counter() - start
     if s.data is not None:
         ev = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,
                        batch_size=args.batch_size, device=s.device)  # fmt: skip
         fp, res = ev(s.bundle.model), ev(q)
         row |= {"fp_top1": fp.top1, "top1": res.top1, "drop": fp.top1 - res.top1, "agreement": res.agreement}
     print(format_table([row]))
-    print(f"wrote {path}")
+    if method is not None:
+        print("agreement_P, kl_P, mse_P: fidelity to the full-precision model on the held-out samples "
+              "(label-free); top1, agreement: on --data")  # fmt: skip
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -211,7 +239,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, device=s.device)  # fmt: skip
     fp = ev(s.bundle.model)
     print(f"{s.bundle.name}: full precision top-1 {fp.top1:.2f}% on {fp.n} images "
-          f"({args.protocol} protocol, RTN calibrated on {args.calib})", flush=True)  # fmt: skip
+          f"({_protocol(args)} protocol, RTN calibrated on {args.calib})", flush=True)  # fmt: skip
     rows = []
     for bits, plan in plans.items():
         res = ev(_quantize(args, s, plan))

@@ -306,6 +306,56 @@ def _c_eval_grayscale_for_an_rgb_model(t):
     return Case(argv, ("resnet18 failed on an input of shape (2, 1, 64, 64)", "3 channels"))
 
 
+def _c_quantize_method_flag_with_rtn(t):  # --modcap-k would be ignored by round-to-nearest
+    return Case(
+        ["quantize", "--bits", "W4A4", "--modcap-k", "1", "--out", str(t / "q.pt")],
+        ("--modcap-k with --method rtn", "1"),
+        absent=[t / "q.pt"],
+    )
+
+
+def _c_quantize_calib_with_ptq(t):  # a data-free method calibrates on --samples
+    return Case(
+        ["quantize", "--method", "ptq", "--calib", "gaussian", "--bits", "W4A4", "--out", str(t / "q.pt")],
+        ("--calib with --method ptq", "--samples real:DIR"),
+        absent=[t / "q.pt"],
+    )
+
+
+def _c_quantize_finetune_without_length(t):
+    return Case(
+        ["quantize", "--method", "finetune", "--bits", "W4A4", "--out", str(t / "q.pt")],
+        ("without --finetune-iters", "80,000"),
+        absent=[t / "q.pt"],
+    )
+
+
+def _c_quantize_unknown_samples(t):
+    return Case(
+        ["quantize", "--method", "ptq", "--samples", "banks:x", "--bits", "W4A4", "--out", str(t / "q.pt")],
+        ("--samples", "banks:x", "bank:DIR"),
+        absent=[t / "q.pt"],
+    )
+
+
+def _c_quantize_set_misspelt(t):
+    return Case(
+        [
+            "quantize",
+            "--method",
+            "ptq",
+            "--set",
+            "ptq.recon.qdorp=0.5",
+            "--bits",
+            "W4A4",
+            "--out",
+            str(t / "q.pt"),
+        ],
+        ("qdorp", "did you mean 'qdrop'"),
+        absent=[t / "q.pt"],
+    )
+
+
 def _c_run_bad_address(t):
     argv = _run(t, "tiny_smoke", "--address", "not-a-host:99999")
     return Case(argv, ("bad Ray address", "not-a-host:99999", "1..65535"), absent=[t / "store"])

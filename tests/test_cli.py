@@ -43,7 +43,7 @@ def test_quantize_writes_a_checkpoint_that_eval_reloads(capsys, tmp_path):
     ckpt = tmp_path / "q.pt"
     code, out, _ = run_cli(capsys, "quantize", "--plan", str(plan), "--out", str(ckpt))
     assert code == 0 and ckpt.is_file(), out
-    top1 = float(out.splitlines()[2].split()[5])
+    top1 = float(_table(out)["top1"])
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(ckpt))
     assert code == 0
     assert abs(float(out.splitlines()[2].split()[2]) - top1) < 1e-6  # same model, same score
@@ -137,7 +137,7 @@ def test_a_grayscale_user_model_from_the_command_line_alone(capsys, tmp_path, mo
     assert code == 0 and ckpt.is_file(), err
     code, again, err = run_cli(capsys, "eval", "--checkpoint", str(ckpt), "--data", str(data))
     assert code == 0, err  # rebuilt at 1x16x16 from what the checkpoint recorded: the same model
-    assert float(again.splitlines()[2].split()[2]) == float(out.splitlines()[2].split()[5])
+    assert float(again.splitlines()[2].split()[2]) == float(_table(out)["top1"])
 
     code, _, err = run_cli(capsys, "eval", "--model", HELPER, "--data", str(data))  # 3x32x32 by default
     assert code == 2 and "failed on an input of shape (2, 3, 32, 32)" in err and "--mean" in err
@@ -166,3 +166,89 @@ def test_a_campaign_takes_the_preprocessing_flags_over_its_space(tmp_path, monke
         prep.bundle.preprocess.shape == prep.ctx.input_shape == tuple(prep.ctx.calib.shape[1:]) == (1, 16, 16)
     )
     assert prep.meta["preprocess"] == {"input_size": 16, "resize": None, "mean": [0.5], "std": [0.25]}
+
+
+def _table(out: str) -> dict[str, str]:
+    """The one-row table a command printed, as {column: value}."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    return dict(zip(lines[head].split(), lines[head + 2].split(), strict=True))
+
+
+def test_quantize_with_a_data_free_method_writes_what_eval_reads(capsys, tmp_path):
+    fast = ["--bits", "W4A4", "--samples", "gaussian", "--calib-images", "32", "--heldout", "16"]
+    ckpt = tmp_path / "ptq.pt"
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        "--method",
+        "ptq",
+        "--recon-iters",
+        "5",
+        *fast,
+        "--modcap-k",
+        "1",
+        "--set",
+        "ptq.recon.qdrop=0.5",
+        "--out",
+        str(ckpt),
+    )
+    assert code == 0 and ckpt.is_file(), err
+    row = _table(out)
+    assert row["method"] == "ptq" and 0 <= float(row["agreement_P"]) <= 100 and float(row["mse_P"]) >= 0
+    assert "first" not in row and float(row["bits_per_param"]) > 4  # the ptq protocol: first/last at 8
+    code, again, err = run_cli(capsys, "eval", "--checkpoint", str(ckpt))
+    assert code == 0 and float(again.splitlines()[2].split()[2]) == float(row["top1"]), err
+
+    both = tmp_path / "both.pt"
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        "--method",
+        "ptq+finetune",
+        "--recon-iters",
+        "5",
+        *fast,
+        "--finetune-preset",
+        "gdfq",
+        "--finetune-iters",
+        "12",
+        "--set",
+        "finetune.train.warmup=4",
+        "finetune.train.batch_size=8",
+        "--out",
+        str(both),
+    )
+    assert code == 0 and both.is_file() and _table(out)["method"] == "ptq+finetune", err
+
+
+def test_quantize_with_real_images_as_the_reference(capsys, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "models"))
+    data = _gray_folder(tmp_path / "gray")
+    ckpt = tmp_path / "real.pt"
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        "--model",
+        HELPER,
+        "--num-classes",
+        "2",
+        *GRAY,
+        "--data",
+        str(data),
+        "--method",
+        "ptq",
+        "--recon-iters",
+        "3",
+        "--samples",
+        f"real:{data}",
+        "--calib-images",
+        "4",
+        "--heldout",
+        "2",
+        "--bits",
+        "W4A4",
+        "--out",
+        str(ckpt),
+    )
+    assert code == 0 and ckpt.is_file() and "samples: 4 calibration + 2 held-out (real images)" in out, err

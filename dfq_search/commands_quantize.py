@@ -1,0 +1,113 @@
+"""``dfq-search quantize --method ptq|finetune|ptq+finetune``: the data-free methods in one command
+(:mod:`dfq_search.search.single`, a campaign trial run once). ``--method rtn`` stays in
+:mod:`dfq_search.commands`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dfq_search.errors import DfqError
+
+SAMPLE_SOURCES = "direct, gaussian, bank:DIR or real:DIR"
+# the flags that only a data-free method reads: refused with --method rtn (they would be ignored)
+METHOD_FLAGS = ("samples", "modcap_k", "recon_iters", "finetune_preset", "finetune_iters", "set", "heldout")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method (default rtn: round-to-nearest, calibrated by --calib)")
+    g.add_argument("--method", default="rtn", choices=["rtn", "ptq", "finetune", "ptq+finetune"],
+                   help="ptq: AdaRound/BRECQ reconstruction (ModCap with --modcap-k); finetune: "
+                   "a data-free game (--finetune-preset); ptq+finetune: the game after ptq")  # fmt: skip
+    g.add_argument("--samples", help=f"what the method calibrates on: {SAMPLE_SOURCES} (default "
+                   "direct: images synthesized from the model's BN statistics; real:DIR: the real-data "
+                   "reference)")  # fmt: skip
+    g.add_argument("--modcap-k", type=int, help="ModCap's joint unit pairs (default 0: BRECQ)")
+    g.add_argument("--recon-iters", type=int, help="reconstruction steps per unit (default: ReconConfig's)")
+    g.add_argument("--finetune-preset", help="adadfq (default), gdfq, dsg, adasg or lrq")
+    g.add_argument("--finetune-iters", type=int, help="steps of the game, warm-up included (required with "
+                   "finetune: the presets' own are the papers' 80,000)")  # fmt: skip
+    g.add_argument("--heldout", type=int, help="held-out samples for the label-free score and PTQ's guard "
+                   "(default 256)")  # fmt: skip
+    g.add_argument("--set", nargs="+", metavar="PATH=VALUE", help="any other setting by path: ptq.<path of "
+                   "PTQConfig>, finetune.<path of the game's config>, direct.<DirectConfig field>, e.g. "
+                   "ptq.recon.qdrop=0.5 finetune.train.q_lr=1e-5 direct.bn_relative=true")  # fmt: skip
+
+
+def check_method_args(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen method would ignore, before any compute."""
+    if args.method == "rtn":
+        given = [f for f in METHOD_FLAGS if getattr(args, f) is not None]
+        if given:
+            flag = f"--{given[0].replace('_', '-')}"
+            raise DfqError(f"{flag} with --method rtn", getattr(args, given[0]),
+                           "method flags with --method ptq, finetune or ptq+finetune",
+                           f"drop {flag}, or pass --method ptq")  # fmt: skip
+    elif args.calib is not None:
+        raise DfqError(f"--calib with --method {args.method}", args.calib,
+                       "--calib only with --method rtn; a data-free method calibrates on --samples",
+                       "pass --samples real:DIR for real images, or drop --calib")  # fmt: skip
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {"ptq": {}, "finetune": {}, "direct": {}}
+    for pair in pairs or []:
+        key, eq, raw = pair.partition("=")
+        part, dot, path = key.partition(".")
+        if not eq or not dot or part not in out or not path:
+            raise DfqError("--set", pair, "PART.PATH=VALUE with PART ptq, finetune or direct",
+                           "e.g. --set ptq.recon.qdrop=0.5")  # fmt: skip
+        out[part][path] = yaml.safe_load(raw)
+    return out
+
+
+def method_of(args: argparse.Namespace) -> Any:
+    """The :class:`~dfq_search.search.single.Method` the flags ask for (validated)."""
+    from dfq_search.search.single import Method
+    from dfq_search.search.space import Samples
+    from dfq_search.synth.direct import DirectConfig
+
+    sets = _overrides(args.set)
+    ptq = {**({"modcap_k": args.modcap_k} if args.modcap_k is not None else {}),
+           **({"recon.iters": args.recon_iters} if args.recon_iters is not None else {}),
+           **sets["ptq"]}  # fmt: skip
+    fine = {**({"preset": args.finetune_preset} if args.finetune_preset else {}),
+            **({"train.iterations": args.finetune_iters} if args.finetune_iters is not None else {}),
+            **sets["finetune"]}  # fmt: skip
+    source = args.samples or "direct"
+    kind, _, where = source.partition(":")
+    if kind not in ("direct", "gaussian", "bank", "real") or bool(where) != (kind in ("bank", "real")):
+        raise DfqError("--samples", source, SAMPLE_SOURCES, "e.g. --samples direct")
+    if sets["direct"] and kind != "direct":
+        raise DfqError("--set direct.* without --samples direct", sorted(sets["direct"]),
+                       "direct synthesis settings with direct samples", "drop them")  # fmt: skip
+    samples = Samples(
+        source=kind if kind != "real" else "gaussian",  # real: read by real_images, not synthesized
+        bank=where if kind == "bank" else None,
+        calibration=args.calib_images,
+        heldout=args.heldout or 256,
+        direct=DirectConfig.from_dict(sets["direct"], "--set direct"),
+        seed=args.seed,
+    )
+    return Method(args.method, ptq, fine, samples, args.seed)
+
+
+def real_images(args: argparse.Namespace, preprocess: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``--samples real:DIR``: calibration and held-out images drawn (disjoint, seeded) from DIR."""
+    if not (args.samples or "").startswith("real:"):
+        return None
+    from dfq_search.data.folder import load_image_folder
+
+    data = load_image_folder(Path(args.samples.removeprefix("real:")), preprocess)
+    n, held = args.calib_images, args.heldout or 256
+    if len(data) < n + held:
+        raise DfqError("too few images in --samples real:DIR", len(data),
+                       f"at least --calib-images + --heldout = {n + held}",
+                       "lower them or add images")  # fmt: skip
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+    x = preprocess.normalize(data.images[pick[: n + held]])
+    return x[:n], x[n:]
