@@ -138,7 +138,7 @@ class ProgressLine(tune.Callback):
         self.log(
             f"  [{time.perf_counter() - self.start:6.1f} s] trial {self.done}/{self.total} "
             f"{trial.trial_id}: {shown}, {r.get('size_kib', float('nan')):.2f} KiB, "
-            f"fidelity {r.get('fidelity', '?')}; best {self.best}"
+            f"report {r.get('fidelity', '?')}; best {'-' if self.best is None else f'{self.best:.4f}'}"
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -20,6 +20,18 @@ from dfq_search.evaluate import Evaluator
 from dfq_search.fidelity import METRICS, fidelity, logits, score
 from dfq_search.models.base import Preprocess
 
+SCORE_NAMES = {
+    "top1": "top-1 (%) on the validation images",
+    "agreement": "agreement with the full-precision model (%) on held-out samples",
+    "kl": "-KL(P || Q) on held-out samples (nats; 0: Q = P)",
+    "mse": "-MSE of the logits to the full-precision model on held-out samples (0: Q = P)",
+}
+
+
+def score_name(metric: str) -> str:
+    """What a campaign's ``score`` is, in words (higher is always better)."""
+    return SCORE_NAMES.get(metric, metric)
+
 
 def _take(n_total: int, fraction: float) -> int:
     return max(1, min(n_total, math.ceil(n_total * fraction)))

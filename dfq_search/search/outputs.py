@@ -14,6 +14,7 @@ from typing import Any
 from dfq_search.errors import DfqError
 from dfq_search.models import ModelBundle
 from dfq_search.quant import LayerBits
+from dfq_search.search.objective import score_name
 from dfq_search.search.refine import refined_best, reruns, with_reruns
 from dfq_search.search.results import (
     candidates,
@@ -96,16 +97,35 @@ def finalize(
         score_on_test(list(shown.values()), prep.test_data, prep.bundle)
     files = {"results": str(write_parquet(rows, run_dir / "results.parquet"))}
     files["pareto_plot"] = str(
-        plot_front(rows, front, run_dir / "pareto.png", plain, meta.get("objective", "score"))
+        plot_front(rows, front, run_dir / "pareto.png", plain, f"score: {score_name(meta.get('objective'))}")
     )
     result = CampaignResult(run_dir, rows, front, top, files, marks)
     if top is not None:
         _write_best(result, prep)
-    summary = {**_summary(result), **(extra or {})}
+    summary = {**_summary(result), "verdict": verdict(result, meta), **(extra or {})}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     files["summary"] = str(run_dir / "summary.json")
-    _print(result, log)
+    _print(result, log, meta)
     return result
+
+
+def verdict(result: CampaignResult, meta: dict[str, Any]) -> str | None:
+    """One sentence: what the best plan gained over the uniform warm start, and on which images."""
+    top = result.best
+    uniform = next((r for name, r in result.marks.items() if name.startswith("uniform")), None)
+    if top is None or uniform is None:
+        return None
+    metric = meta.get("objective", "score")
+    mean = lambda r: r.get("refined_mean", r["score"])  # noqa: E731
+    text = (f"The best plan ({top['size_kib']:.2f} KiB, {top['mean_weight_bits']:.2f} mean weight bits) "
+            f"scores {mean(top):.4f} against {mean(uniform):.4f} for the uniform plan "
+            f"({uniform['size_kib']:.2f} KiB; score: {score_name(metric)}")  # fmt: skip
+    text += f", mean of {top['refined_runs']} runs)" if top.get("refined_runs") else ")"
+    if top.get("test_top1") is not None and uniform.get("test_top1") is not None:
+        gain = top["test_top1"] - uniform["test_top1"]
+        text += (f"; on the test images ({meta.get('test_data')}) its shipped model has top-1 "
+                 f"{top['test_top1']:.2f} against {uniform['test_top1']:.2f} ({gain:+.2f})")  # fmt: skip
+    return text + "."
 
 
 def _write_best(result: CampaignResult, prep: Any) -> None:
@@ -129,6 +149,17 @@ def _write_best(result: CampaignResult, prep: Any) -> None:
         result.files["best_onnx"] = f"not written: {err}"
 
 
+def _which_run(best: dict[str, Any]) -> str:
+    """Which run of its plan the best row shows (the Pareto table shows every trial's own run)."""
+    if not best.get("refined_runs"):
+        return f"(trial {best['trial']}'s own run; the shipped model)"
+    seed = best.get("refined_seed")
+    run = "the trial's own run" if seed is None else f"its rerun with reconstruction seed {seed}"
+    return (f"(plan of trial {best['trial']}: refined_mean is its mean score over {best['refined_runs']} "
+            f"runs; the other columns and the shipped model are {run}, the one that scored highest; "
+            "the Pareto table shows each trial's own run)")  # fmt: skip
+
+
 def _summary(result: CampaignResult) -> dict[str, Any]:
     counts = {
         s: sum(r["status"] == s for r in result.rows) for s in ("complete", "stopped", "infeasible", "failed")
@@ -144,7 +175,7 @@ def _summary(result: CampaignResult) -> dict[str, Any]:
     }
 
 
-def _print(result: CampaignResult, log: Log) -> None:
+def _print(result: CampaignResult, log: Log, meta: dict[str, Any]) -> None:
     counts = _summary(result)
     log(
         f"\n{counts['trials']} trials: {counts['complete']} complete, {counts['stopped']} stopped early, "
@@ -161,11 +192,15 @@ def _print(result: CampaignResult, log: Log) -> None:
         log("warm starts:\n" + front_table(named, (*extra, *refined)))
     if result.best is not None:
         log("best:\n" + front_table([result.best], (*extra, *refined)))
+        log(_which_run(result.best))
     else:
         log(
             "no best plan: no trial reached its final report (a --time-budget too short for one trial, or "
             "every trial failed or stopped early); the reports it did make are in results.parquet"
         )
+    log(f"score: {score_name(meta.get('objective', 'score'))}; higher is better.")
+    if (text := verdict(result, meta)) is not None:
+        log(text)
     log(
         "files:\n"
         + "\n".join(f"  {k}: {v}" for k, v in result.files.items())
