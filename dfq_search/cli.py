@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(qz)
     qz.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
     qz.add_argument("--no-eval", action="store_true", help="skip the evaluation of the result")
+    qz.add_argument("--no-onnx", action="store_true", help="skip the ONNX file (--out with suffix .onnx, "
+                    "checked in onnxruntime on --data)")  # fmt: skip
     ly = sub.add_parser("layers", help="the quantizable layers of a model, with their cost under a plan")
     _add_model_args(ly)
     _add_plan_args(ly)

@@ -220,12 +220,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, device=s.device)  # fmt: skip
         fp, res = ev(s.bundle.model), ev(q)
         row |= {"fp_top1": fp.top1, "top1": res.top1, "drop": fp.top1 - res.top1, "agreement": res.agreement}
+    onnx = _write_onnx(args, s, q, row)
     print(format_table([row]))
     if method is not None:
         print("agreement_P, kl_P, mse_P: fidelity to the full-precision model on the held-out samples "
               "(label-free); top1, agreement: on --data")  # fmt: skip
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and {onnx}" if onnx else ""))
     return 0
+
+
+def _write_onnx(args: argparse.Namespace, s: Setup, q: nn.Module, row: dict) -> Path | None:
+    """The checkpoint's ONNX twin (``--out`` with the suffix .onnx; QDQ nodes), checked in onnxruntime
+    against PyTorch on up to 500 of the --data images (``onnx_agreement``)."""
+    if args.no_onnx:
+        return None
+    from dfq_search.export import check_onnx, export_onnx
+
+    path = export_onnx(q, s.bundle.preprocess.example_input(device=s.device), args.out.with_suffix(".onnx"))
+    if s.data is not None:
+        images = s.data.subset(min(500, len(s.data)))
+        check = check_onnx(q, path, (x for x, _ in images.batches(s.bundle.preprocess, 250, s.device)))
+        row["onnx_agreement"] = 100 * check["top1_agreement"]
+    return path
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ def test_quantize_writes_a_checkpoint_that_eval_reloads(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "quantize", "--plan", str(plan), "--out", str(ckpt))
     assert code == 0 and ckpt.is_file(), out
     top1 = float(_table(out)["top1"])
+    assert ckpt.with_suffix(".onnx").is_file() and float(_table(out)["onnx_agreement"]) >= 99.0  # onnxruntime
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(ckpt))
     assert code == 0
     assert abs(float(out.splitlines()[2].split()[2]) - top1) < 1e-6  # same model, same score

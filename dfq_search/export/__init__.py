@@ -1,4 +1,4 @@
-"""Export of quantized models: ONNX with QuantizeLinear/DequantizeLinear nodes (optional extra ``[onnx]``)."""
+"""Export of quantized models: ONNX with QuantizeLinear/DequantizeLinear nodes (onnx and onnxruntime)."""
 
 from dfq_search.export.onnx import DEFAULT_OPSET, check_onnx, export_onnx, qdq_module
 

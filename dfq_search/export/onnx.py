@@ -26,7 +26,7 @@ W8A8 on 64 random images this happened to one activation value, leaving the logi
 
 Float parts (BatchNorm, biases, the unquantized model input) stay float, as in PyTorch. The graph is
 written by torch's TorchScript exporter (``dynamo=False``), the quantizer nodes by the ``symbolic``
-of two autograd functions; no ``onnxscript`` is needed. Needs the optional extra ``[onnx]``.
+of two autograd functions; no ``onnxscript`` is needed. onnx and onnxruntime are main dependencies.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from dfq_search.quant.quantizers import ActQuantizer, qparams
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-axis DequantizeLinear
 _EPS = 1e-8  # as in ActQuantizer.forward
-_INSTALL = "pip install -e '.[onnx]'"
+_INSTALL = "pip install onnx onnxruntime (dependencies of dfq_search: reinstall it)"
 
 
 def _require(*modules: str) -> None:
@@ -61,8 +61,8 @@ def _require(*modules: str) -> None:
             missing.append(name)
     if missing:
         raise DfqError(
-            "ONNX export and checking need optional packages", f"not installed: {', '.join(missing)}",
-            "the [onnx] extra (onnx, onnxruntime)", _INSTALL,
+            "ONNX export and checking need onnx and onnxruntime", f"not installed: {', '.join(missing)}",
+            "both installed (dependencies of dfq_search)", _INSTALL,
         )  # fmt: skip
 
 
