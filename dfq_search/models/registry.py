@@ -4,6 +4,7 @@ A name is one of
 
 * a registered name (``list_models()``), e.g. ``cifar_resnet20``, ``resnet18``, ``tiny_cnn``;
 * ``tv:<name>`` for any torchvision classification model, e.g. ``tv:efficientnet_b0``;
+* ``timm:<name>`` for any timm model (the optional extra ``[timm]``), e.g. ``timm:efficientnet_lite0``;
 * ``package.module:function`` for a user's model: the module is imported (only because the user
   named it) and ``function(num_classes=...)`` must return an ``nn.Module``.
 """
@@ -85,10 +86,14 @@ def create_model(
         raise DfqError("create_model options", unknown, f"preprocessing keys {prep.KEYS}", "drop them")
     path = None if weights is None else Path(weights).expanduser()
     fixed = False
-    if ":" in name and not name.startswith(TV_PREFIX):
+    if ":" in name and not name.startswith((TV_PREFIX, "timm:")):
         from dfq_search.models.user import build_user_model
 
         bundle = build_user_model(name, path, num_classes, **prep.given(preprocessing))
+    elif name.startswith("timm:"):
+        from dfq_search.models.timm_models import build_timm
+
+        bundle = build_timm(name.removeprefix("timm:"), path, num_classes)
     elif name.startswith(TV_PREFIX):
         from dfq_search.models.torchvision_models import build_torchvision
 

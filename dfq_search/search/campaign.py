@@ -46,6 +46,7 @@ from dfq_search.search.starts import (
 )
 from dfq_search.search.storage import CampaignStore
 from dfq_search.search.trial import TrialContext
+from dfq_search.synth.bn import require_bn_for_samples
 
 __all__ = [
     "CampaignOptions",
@@ -264,6 +265,7 @@ def prepare(
             asdict(space.model)
         ),  # the space's preprocessing, with the command's flags (with_model_flags)
     )
+    require_bn_for_samples(bundle.model, bundle.name, space.samples.source)
     example = bundle.preprocess.example_input(device=device)
     layers = trace_layers(bundle.model, example)
     PlanSpace(space, layers)  # refuses rules naming missing layers or an impossible budget, before compute

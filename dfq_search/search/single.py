@@ -25,6 +25,7 @@ from dfq_search.search.objective import FidelityScorer
 from dfq_search.search.samples import campaign_samples
 from dfq_search.search.space import Samples
 from dfq_search.search.trial import TrialContext, run_trial
+from dfq_search.synth.bn import require_bn_for_samples
 
 METHODS = {"ptq": "ptq", "finetune": "qat", "ptq+finetune": "ptq+qat"}  # the CLI's name -> a trial kind
 
@@ -99,6 +100,7 @@ def quantize_once(
             find_units(bundle.model, bundle.preprocess.example_input(device=device)), method.ptq["modcap_k"]
         )
     if real is None:
+        require_bn_for_samples(bundle.model, bundle.name, method.samples.source)
         samples = campaign_samples(bundle, method.samples, device, log)
         calib, heldout, origin, seconds = samples.calib, samples.heldout, samples.origin, samples.seconds
     else:

@@ -75,6 +75,20 @@ def require_bn(model: nn.Module, what: str = "a BN-statistics loss") -> list[tup
     return layers
 
 
+def require_bn_for_samples(model: nn.Module, name: str, source: str) -> None:
+    """Samples synthesized from P (``direct``, ``generator``) match its BatchNorm statistics: a model
+    without BatchNorm (ConvNeXt's LayerNorm, a ViT) is refused before any compute, saying why."""
+    if source in ("direct", "generator") and not bn_layers(model):
+        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        has = f"it has {', '.join(norms)}" if norms else "it has no normalization layers"
+        raise DfqError(
+            f"{name} has no BatchNorm for {source} samples to match", source,
+            f"a BatchNorm CNN: data-free samples are synthesized from its BN statistics ({has})",
+            "quantize it with real images (--samples real:DIR, or --calib DIR with --method rtn), "
+            "gaussian samples or a bank",
+        )  # fmt: skip
+
+
 class _Moments(torch.autograd.Function):
     """Mean and biased variance over ``dims`` (kept), with a fused hand-written backward.
 
