@@ -253,3 +253,30 @@ def test_quantize_with_real_images_as_the_reference(capsys, tmp_path, monkeypatc
         str(ckpt),
     )
     assert code == 0 and ckpt.is_file() and "samples: 4 calibration + 2 held-out (real images)" in out, err
+
+
+@pytest.mark.parametrize("model", ["tv:mobilenet_v3_small", "timm:tf_efficientnet_lite0"])
+def test_a_torchvision_or_timm_model_at_another_size_through_ptq(capsys, tmp_path, model):
+    if model.startswith("timm:"):
+        pytest.importorskip("timm", reason="timm models need the [timm] extra (in [test])")
+    from dfq_search.checkpoint import load_quantized
+
+    ckpt = tmp_path / "q.pt"
+    argv = [
+        "--model",
+        model,
+        "--num-classes",
+        "10",
+        "--input-size",
+        "32",
+        "--method",
+        "ptq",
+        "--recon-iters",
+        "1",
+    ]
+    fast = ["--samples", "gaussian", "--calib-images", "8", "--heldout", "4", "--bits", "W4A4", "--no-eval"]
+    code, _, err = run_cli(capsys, "quantize", *argv, *fast, "--out", str(ckpt))
+    assert code == 0 and ckpt.with_suffix(".onnx").is_file(), err
+    q, meta = load_quantized(ckpt)  # rebuilt by its name, at the size it was quantized for
+    assert meta["model"] == model and meta["preprocess"].shape == (3, 32, 32)
+    assert q(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

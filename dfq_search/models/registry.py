@@ -98,6 +98,7 @@ def create_model(
         from dfq_search.models.torchvision_models import build_torchvision
 
         bundle = build_torchvision(name.removeprefix(TV_PREFIX), path, num_classes)
+        bundle.name = name  # what rebuilds it (checkpoints, campaigns): tv:<name>
     elif name in _REGISTRY:
         bundle = _REGISTRY[name](path, num_classes)
         fixed = not getattr(_REGISTRY[name], "any_input", False)
