@@ -356,6 +356,20 @@ def _c_quantize_set_misspelt(t):
     )
 
 
+def _c_eval_unknown_timm_model(t):
+    return Case(["eval", "--model", "timm:resnet1"], ("unknown timm model", "resnet1", "resnet18"))
+
+
+def _c_quantize_synthesis_for_a_model_without_batchnorm(t):  # SqueezeNet: no BN statistics to match
+    model = ["--model", "tv:squeezenet1_1", "--input-size", "64"]
+    argv = ["quantize", *model, "--method", "ptq", "--bits", "W8A8", "--out", str(t / "q.pt"), "--no-eval"]
+    return Case(
+        argv,
+        ("no BatchNorm for direct samples", "no normalization layers", "--samples real:DIR"),
+        absent=[t / "q.pt"],
+    )
+
+
 def _c_run_bad_address(t):
     argv = _run(t, "tiny_smoke", "--address", "not-a-host:99999")
     return Case(argv, ("bad Ray address", "not-a-host:99999", "1..65535"), absent=[t / "store"])
