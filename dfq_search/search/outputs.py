@@ -118,7 +118,7 @@ def verdict(result: CampaignResult, meta: dict[str, Any]) -> str | None:
     metric = meta.get("objective", "score")
     mean = lambda r: r.get("refined_mean", r["score"])  # noqa: E731
     text = (f"The best plan ({top['size_kib']:.2f} KiB, {top['mean_weight_bits']:.2f} mean weight bits) "
-            f"scores {mean(top):.4f} against {mean(uniform):.4f} for the uniform plan "
+            f"scores {mean(top):.4g} against {mean(uniform):.4g} for the uniform plan "
             f"({uniform['size_kib']:.2f} KiB; score: {score_name(metric)}")  # fmt: skip
     text += f", mean of {top['refined_runs']} runs)" if top.get("refined_runs") else ")"
     if top.get("test_top1") is not None and uniform.get("test_top1") is not None:

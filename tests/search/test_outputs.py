@@ -43,6 +43,6 @@ def test_the_output_names_the_score_and_says_which_run_the_best_row_is(tmp_path:
     assert "score: -MSE of the logits to the full-precision model on held-out samples" in text
     assert "mean score over 3 runs" in text and "rerun with reconstruction seed 2" in text
     said = verdict(result, meta)
-    assert said in text and "-0.7100 against -0.9800 for the uniform plan" in said
+    assert said in text and "-0.71 against -0.98 for the uniform plan" in said
     assert "top-1 98.33 against 97.78 (+0.55)" in said and "digits test split" in said
     assert verdict(CampaignResult(tmp_path, [best], [best], best), meta) is None  # no uniform to compare
