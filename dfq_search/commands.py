@@ -203,7 +203,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config = get_protocol(_protocol(args)).config
         save_quantized(args.out, q, s.bundle.name, s.bundle.num_classes, plan, config, s.bundle.preprocess)
     else:
+        from dataclasses import replace
+
+        from dfq_search.commands_quantize import generator_bank
         from dfq_search.search.single import quantize_once
+
+        if (bank := generator_bank(args, s.bundle, s.device)) is not None:
+            method = replace(method, samples=replace(method.samples, bank=bank))
 
         log = lambda line: print(line, flush=True)  # noqa: E731
         got = quantize_once(s.bundle, plan, method, args.out, s.device, log,

@@ -13,7 +13,8 @@ import yaml
 
 from dfq_search.errors import DfqError
 
-SAMPLE_SOURCES = "direct, gaussian, bank:DIR or real:DIR"
+SAMPLE_SOURCES = "direct, generator[:PRESET], gaussian, bank:DIR or real:DIR"
+GENERATOR_WARMUP = 100  # generator steps whose samples are dropped (as a campaign's samples.keep_after)
 # the flags that only a data-free method reads: refused with --method rtn (they would be ignored)
 METHOD_FLAGS = ("samples", "modcap_k", "recon_iters", "finetune_preset", "finetune_iters", "set", "heldout")
 
@@ -80,14 +81,23 @@ def method_of(args: argparse.Namespace) -> Any:
             **sets["finetune"]}  # fmt: skip
     source = args.samples or "direct"
     kind, _, where = source.partition(":")
-    if kind not in ("direct", "gaussian", "bank", "real") or bool(where) != (kind in ("bank", "real")):
+    needs = kind in ("bank", "real")
+    if kind not in ("direct", "generator", "gaussian", "bank", "real") or (
+        bool(where) != needs and kind != "generator"
+    ):
         raise DfqError("--samples", source, SAMPLE_SOURCES, "e.g. --samples direct")
+    if kind == "generator":
+        from dfq_search.qat.config import GENERATOR_PRESETS
+
+        if where and where not in GENERATOR_PRESETS:
+            raise DfqError("--samples generator:PRESET", where, f"one of {', '.join(GENERATOR_PRESETS)}",
+                           "e.g. --samples generator:gdfq")  # fmt: skip
     if sets["direct"] and kind != "direct":
         raise DfqError("--set direct.* without --samples direct", sorted(sets["direct"]),
                        "direct synthesis settings with direct samples", "drop them")  # fmt: skip
     samples = Samples(
-        source=kind if kind != "real" else "gaussian",  # real: read by real_images, not synthesized
-        bank=where if kind == "bank" else None,
+        source={"real": "gaussian", "generator": "bank"}.get(kind, kind),  # real: real_images; generator:
+        bank=where if kind == "bank" else None,  # a bank that generator_bank fills
         calibration=args.calib_images,
         heldout=args.heldout or 256,
         direct=DirectConfig.from_dict(sets["direct"], "--set direct"),
@@ -111,3 +121,33 @@ def real_images(args: argparse.Namespace, preprocess: Any) -> tuple[torch.Tensor
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
     x = preprocess.normalize(data.images[pick[: n + held]])
     return x[:n], x[n:]
+
+
+def generator_bank(args: argparse.Namespace, bundle: Any, device: Any) -> str | None:
+    """``--samples generator[:PRESET]``: a generator of the preset (default gdfq) trained against P in
+    this process, its samples kept in a sample bank in the cache (made once per model, preset and seed;
+    a rerun reads it); the bank's path, or None for another source."""
+    kind, _, preset = (args.samples or "").partition(":")
+    if kind != "generator":
+        return None
+    from dfq_search.bank import SampleBank
+    from dfq_search.bank.bank import BankHeader
+    from dfq_search.bank.generate import WorkerConfig, generate_into_bank
+    from dfq_search.cache import cache_dir
+    from dfq_search.fingerprint import model_fingerprint
+
+    preset = preset or "gdfq"  # checked by method_of
+    want = args.calib_images + (args.heldout or 256)
+    base = WorkerConfig(preset=preset, seed=args.seed, keep_after=GENERATOR_WARMUP)
+    per_step = base.game_config().train.batch_size
+    steps = GENERATOR_WARMUP + -(-want // per_step)
+    config = WorkerConfig(name=f"{preset}-s{args.seed}", preset=preset, seed=args.seed,
+                          keep_after=GENERATOR_WARMUP, steps=steps)  # fmt: skip
+    fingerprint = model_fingerprint(bundle.model)
+    path = cache_dir() / "generator_banks" / f"{fingerprint[:16]}-{config.name}"
+    header = BankHeader(fingerprint, bundle.preprocess.shape, bundle.num_classes, bundle.name)
+    bank = SampleBank.create(str(path), header)
+    print(f"generator samples ({preset}): {want} into {path} ...", flush=True)
+    show = lambda i: print(f"  step {i['step']}, {i['samples']} samples", flush=True)  # noqa: E731
+    generate_into_bank(bundle.model, bank, config, want, device, show)
+    return str(path)

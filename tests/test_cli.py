@@ -223,6 +223,19 @@ def test_quantize_with_a_data_free_method_writes_what_eval_reads(capsys, tmp_pat
     assert code == 0 and both.is_file() and _table(out)["method"] == "ptq+finetune", err
 
 
+def test_quantize_on_generator_samples_keeps_them_in_a_bank(capsys, tmp_path):
+    fast = ["--bits", "W4A4", "--calib-images", "16", "--heldout", "8", "--recon-iters", "2", "--no-eval"]
+    code, out, err = run_cli(capsys, "quantize", "--method", "ptq", "--samples", "generator:dsg", *fast,
+                             "--out", str(tmp_path / "g.pt"))  # fmt: skip
+    assert code == 0 and "samples: 16 calibration + 8 held-out (bank " in out, err
+    code, again, err = run_cli(capsys, "quantize", "--method", "ptq", "--samples", "generator:dsg", *fast,
+                               "--out", str(tmp_path / "g2.pt"))  # fmt: skip
+    assert code == 0 and "  step " not in again, err  # the bank had them: no generator step ran again
+    code, _, err = run_cli(capsys, "quantize", "--method", "ptq", "--samples", "generator:adadfq", *fast,
+                           "--out", str(tmp_path / "g3.pt"))  # fmt: skip
+    assert code == 2 and "one of gdfq, dsg, lrq" in err
+
+
 def test_quantize_with_real_images_as_the_reference(capsys, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "models"))
     data = _gray_folder(tmp_path / "gray")

@@ -24,6 +24,7 @@ from dfq_search.synth.losses import TermKnobs
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("adadfq", "adasg", "dsg", "gdfq", "lrq")
+GENERATOR_PRESETS = ("gdfq", "dsg", "lrq")  # the generator halves a sample source trains (their own losses)
 # the loss terms that read each knob of the sample and Q losses (dfq_search.synth.losses, .qat.losses):
 # a config none of whose active terms reads a knob ignores it
 READ_BY = {

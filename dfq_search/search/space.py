@@ -231,7 +231,9 @@ def _typed(cls: type, section: dict, name: str, checks: Mapping[str, Any]) -> An
 
 def _presets(value: Any) -> tuple[str, ...]:
     values = value if isinstance(value, list) else [value]
-    check = one_of("samples.generators", ("gdfq", "dsg", "lrq"))
+    from dfq_search.qat.config import GENERATOR_PRESETS
+
+    check = one_of("samples.generators", GENERATOR_PRESETS)
     return tuple(check(v) for v in values)
 
 
