@@ -36,7 +36,7 @@ class DirectConfig:
     """Weights and schedule of direct image optimisation; every weight must be >= 0."""
 
     iterations: int = 100
-    lr: float = 0.25
+    lr: float = 0.5
     batch_size: int = 128
     bn_weight: float = 1.0
     ce_weight: float = 0.1
@@ -44,7 +44,7 @@ class DirectConfig:
     l2_weight: float = 0.01
     jitter: int = 2
     use_std: bool = False
-    bn_relative: bool = False
+    bn_relative: bool = True
     clamp: bool = True
     mean: tuple[float, ...] | None = None  # P's input normalization, for the clamp box; None = no box
     std: tuple[float, ...] | None = None
@@ -158,13 +158,13 @@ def synthesize_images(
     the clamp box of the pixels to what real images can reach. P is left unchanged (parameters,
     buffers, train/eval flag). ``progress(done, n_images)`` is called after every batch.
 
-    Defaults (100 Adam steps at lr 0.25, batch 128, the absolute BN loss) were chosen on ResNet-20:
-    the BN loss falls from 72 (Gaussian noise) to 0.84, against 0.52 for real (JPEG) images. They
-    leave networks whose BN inputs have small variances far from their statistics: on mnist_dwnet
-    the relative misfit of a batch stays at 0.23 (real images 0.004) and data-free BRECQ at W2A4
-    reached 83.3% against 95.3% with real images. ``bn_relative=True, lr=1.0`` fits it to 0.045 and
-    gives 95.4% (2 seeds, real 95.2), but costs ResNet-20 1.4 points at W3A3 (256 images, 2 seeds),
-    so it is an option, not the default: README "The model panel, and synthesis that transfers".
+    Defaults: 100 Adam steps at lr 0.5, batch 128, the scale-free BN loss (``bn_relative``: each
+    layer's misfit in units of its own running variance). The absolute loss at lr 0.25 (the first
+    defaults, chosen on ResNet-20) left nets whose BN inputs have small variances far from their
+    statistics (mnist_dwnet: relative misfit 0.23 against 0.004 for real images; data-free BRECQ at
+    W2A4 83.3% against 95.3% on real images) and made a VGG-style net's W4A4 BRECQ fall below its
+    round-to-nearest start; scale-free at lr 0.5 serves both and ResNet-20 within 0.2 point (README
+    "The model panel, and synthesis that transfers"). ``bn_relative=False, lr=0.25`` restores the first.
     1,024 images took 282 s on ONE torch thread of a 2-core machine shared by three jobs; two
     threads on busy cores were ~10x slower (OpenMP waits), so call ``torch.set_num_threads(1)``.
     """
