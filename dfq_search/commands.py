@@ -31,9 +31,13 @@ class Setup:
     device: torch.device
 
 
-def _setup(args: argparse.Namespace, need_data: bool = True) -> Setup:
+def _check_batch_size(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise DfqError("--batch-size", args.batch_size, "an integer >= 1", "pass e.g. --batch-size 500")
+
+
+def _setup(args: argparse.Namespace, need_data: bool = True) -> Setup:
+    _check_batch_size(args)
     device = resolve_device(args.device)
     bundle = create_model(args.model, args.weights, args.num_classes, device, **preprocessing(args))
     return Setup(bundle, _load_data(args, bundle) if need_data else None, device)
@@ -156,25 +160,49 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_setup(args: argparse.Namespace) -> tuple[Setup, nn.Module, nn.Module | None]:
+    """``eval --checkpoint``: the quantized model, and the model and input it was quantized for, as the
+    checkpoint recorded them (``--model`` and the preprocessing flags may only repeat them); the
+    full-precision reference for the agreement column when ``--weights`` gives its weights."""
+    from dfq_search.checkpoint import load_quantized
+    from dfq_search.cli import DEFAULT_MODEL
+    from dfq_search.models.preprocessing import recorded
+
+    if args.plan is not None or args.bits is not None:  # the checkpoint has its plan: they'd be ignored
+        raise DfqError("--checkpoint with --plan/--bits", str(args.plan or args.bits),
+                       "a checkpoint (it holds its own plan) or a plan, not both",
+                       "drop --plan/--bits")  # fmt: skip
+    device = resolve_device(args.device)
+    model, meta = load_quantized(args.checkpoint, device)
+    if args.model not in (DEFAULT_MODEL, meta["model"]):
+        raise DfqError(
+            "--model contradicts the checkpoint", args.model,
+            f"the checkpoint's model {meta['model']!r} (or no --model)", "drop --model",
+        )  # fmt: skip
+    own = given(recorded(meta["preprocess"]))
+    for key, value in preprocessing(args).items():
+        if value != own.get(key):
+            flag = f"--{key.replace('_', '-')}"
+            raise DfqError(f"{flag} contradicts the checkpoint", value,
+                           f"what it was quantized for: {own.get(key)}", f"drop {flag}")  # fmt: skip
+    bundle = create_model(meta["model"], args.weights, meta["num_classes"], device, **own)
+    has_own_weights = args.weights is not None or meta["model"] == DEFAULT_MODEL
+    return Setup(bundle, None, device), model, bundle.model if has_own_weights else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    s = _setup(args, need_data=False)
+    _check_batch_size(args)
     plan = None
     if args.checkpoint is not None:
-        from dfq_search.checkpoint import load_quantized
-
-        if args.plan is not None or args.bits is not None:  # the checkpoint has its plan: they'd be ignored
-            raise DfqError("--checkpoint with --plan/--bits", str(args.plan or args.bits),
-                           "a checkpoint (it holds its own plan) or a plan, not both",
-                           "drop --plan/--bits")  # fmt: skip
-
-        model, _ = load_quantized(args.checkpoint, s.device)
-    elif args.plan is not None or args.bits is not None:
-        plan, model = _plan(args, s.bundle), None
-        _calib(args)
+        s, model, reference = _checkpoint_setup(args)
     else:
-        model = s.bundle.model
+        s = _setup(args, need_data=False)
+        model = reference = s.bundle.model
+        if args.plan is not None or args.bits is not None:
+            plan, model = _plan(args, s.bundle), None
+            _calib(args)
     s.data = _load_data(args, s.bundle)  # the inputs are checked first, then the images decoded
-    evaluator = Evaluator(s.data, s.bundle.preprocess, reference=s.bundle.model,
+    evaluator = Evaluator(s.data, s.bundle.preprocess, reference=reference,
                           batch_size=args.batch_size, device=s.device)  # fmt: skip
     if plan is not None:
         model = _quantize(args, s, plan)
