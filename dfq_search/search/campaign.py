@@ -40,6 +40,7 @@ from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
     SENSITIVITY_IMAGES,
     dp_plan,
+    hessian_sensitivity,
     sensitivity,
     warm_start_points,
     warm_starts,
@@ -319,7 +320,10 @@ def prepare(
         memo=str(run_dir / "memo"),
         heldout=samples.heldout,
     )
-    starts = warm_starts(plans, space.search.warm_start)
+    hessian = None
+    if "hessian" in space.search.warm_start:
+        hessian = hessian_sensitivity(bundle, calib, plans, run_dir, device, log)
+    starts = warm_starts(plans, space.search.warm_start, hessian)
     meta = {
         "model": bundle.name,
         "preprocess": recorded(bundle.preprocess),

@@ -45,7 +45,7 @@ UNFIT_SAMPLERS = {
 }
 SOURCES = ("direct", "gaussian", "bank", "generator")
 METRICS = ("auto", "top1", "agreement", "kl", "mse")
-WARM_STARTS = ("uniform", "sensitivity")
+WARM_STARTS = ("uniform", "sensitivity", "hessian")
 BUDGETS = ("uniform_weight_bits", "uniform_bops", "mean_weight_bits", "max_size_kib", "max_mbops")
 SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 

@@ -1,12 +1,13 @@
 """Where a campaign starts: ZeroQ's per-layer sensitivity (measured once, kept in the campaign folder),
-and the plans enqueued before the search proposes any: the uniform plans that fit the budget and the
-sensitivity-DP plan (ZeroQ's exact allocation, §9)."""
+and the plans enqueued before the search proposes any: the uniform plans that fit the budget, the
+sensitivity-DP plan (ZeroQ's exact allocation, §9) and HAWQ-V3's plan (Hessian-trace sensitivity on
+the synthetic images, an integer linear program under every limit of the budget at once)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from dfq_search.search.define import PlanSpace
 
 Log = Callable[[str], None]
 SENSITIVITY_IMAGES = 128
+HESSIAN_IMAGES, HESSIAN_BATCH, HESSIAN_PROBES = 128, 32, 8
 
 
 def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict:
@@ -34,11 +36,33 @@ def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: 
     return sens
 
 
+def hessian_sensitivity(bundle, calib, plans: PlanSpace, run_dir: Path, device, log: Log) -> dict:
+    """HAWQ-V3's Ω per layer and weight choice (:mod:`dfq_search.ptq.hessian`), measured once on the
+    calibration samples and kept in the campaign folder (``hessian.json``: the traces and Ω)."""
+    path = run_dir / "hessian.json"
+    if path.is_file():
+        omega = json.loads(path.read_text())["omega"]
+        return {k: {int(b): v for b, v in d.items()} for k, d in omega.items()}
+    from dfq_search.ptq.hessian import hawq_sensitivity, hessian_traces
+
+    bits = sorted({w for c in plans.choices for w in c.w})
+    start = time.perf_counter()
+    batches = list(calib[:HESSIAN_IMAGES].split(HESSIAN_BATCH))
+    traces = hessian_traces(bundle.model, batches, HESSIAN_PROBES, device=device)
+    omega = hawq_sensitivity(bundle.model, traces, bits)
+    n = min(len(calib), HESSIAN_IMAGES)
+    log(f"Hessian traces of {len(traces)} layers ({HESSIAN_PROBES} probes on {n} samples): "
+        f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    path.write_text(json.dumps({"traces": traces, "omega": omega}))
+    return omega
+
+
 def warm_starts(
-    plans: PlanSpace, kinds: tuple[str, ...] = ("uniform", "sensitivity")
+    plans: PlanSpace, kinds: tuple[str, ...] = ("uniform", "sensitivity"), hessian: Mapping | None = None
 ) -> dict[str, dict[str, LayerBits]]:
     """Named plans the campaign runs first, of ``kinds``: uniform ones that fit the budget
-    ("uniform") and the sensitivity DP ("sensitivity")."""
+    ("uniform"), the sensitivity DP ("sensitivity") and HAWQ-V3's ILP on ``hessian``'s Ω
+    ("hessian")."""
     out = {}
     for bits in plans.uniform_bits() if "uniform" in kinds else []:
         ws = sorted({b.w for b in bits.values()})
@@ -46,7 +70,37 @@ def warm_starts(
     dp = dp_plan(plans) if "sensitivity" in kinds else None
     if dp is not None:
         out["sensitivity-dp"] = dp
+    ilp = ilp_plan(plans, hessian) if "hessian" in kinds and hessian else None
+    if ilp is not None:
+        out["hessian-ilp"] = ilp
     return out
+
+
+def ilp_plan(plans: PlanSpace, omega: Mapping[str, Mapping[int, float]]) -> dict[str, LayerBits] | None:
+    """HAWQ-V3's allocation: the weight bits minimising Σ Ω_i(k_i) under every limit of the budget at
+    once (size, mean bits and BOPs; each layer's activations at its highest choice), by an integer
+    linear program; then repaired (lower activations) where a BOPs limit still needs it. Each
+    choice's use of a limit is what the campaign's cost model adds for it, so the two always agree.
+    None when no assignment fits."""
+    from dfq_search.ptq.ilp import allocate_ilp
+
+    base = {c.name: LayerBits(c.w[0], c.a[-1]) for c in plans.choices}
+    keys = [key for key, _ in plans.limits.values()]
+    floor = plans.cost(base)
+    use = {}
+    for c in plans.choices:
+        use[c.name] = {}
+        for w in c.w:
+            cost = plans.cost({**base, c.name: LayerBits(w, c.a[-1])})
+            use[c.name][w] = [cost[k] - floor[k] for k in keys]
+    limits = [limit - floor[key] + 1e-9 for key, limit in plans.limits.values()]
+    cost = {c.name: {w: float(omega.get(c.name, {}).get(w, 0.0)) for w in c.w} for c in plans.choices}
+    try:
+        chosen = allocate_ilp(cost, use, limits)
+    except DfqError:
+        chosen = {c.name: c.w[0] for c in plans.choices}  # over a BOPs limit even so: the repair's turn
+    bits = plans.repair({c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices})
+    return bits if plans.excess(plans.cost(bits)) <= 1e-9 else None
 
 
 def dp_plan(plans: PlanSpace) -> dict[str, LayerBits] | None:

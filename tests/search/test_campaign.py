@@ -66,6 +66,41 @@ def test_dp_plan_is_the_best_plan_under_the_budget(budget, weight, activation, l
     assert sum(SENSITIVITY[n][b.w] for n, b in dp.items()) == pytest.approx(_brute_force(plans))
 
 
+@pytest.mark.parametrize(
+    "budget",
+    [
+        {"max_size_kib": 3.0},
+        {"mean_weight_bits": 4.5},
+        {"max_mbops": 10.0},  # a BOPs limit, which the DP cannot take
+        {"uniform_bops": "W4A8"},
+        {"max_size_kib": 2.5, "uniform_bops": "W4A8"},  # two limits at once
+    ],
+)
+def test_the_hessian_ilp_plan_is_the_best_plan_under_every_limit(budget, layers_of):
+    from dfq_search.search.starts import ilp_plan
+
+    plans = _plans(layers_of("tiny_cnn"), budget)
+    ilp = ilp_plan(plans, SENSITIVITY)
+    assert ilp is not None and plans.excess(plans.cost(ilp)) <= 1e-9
+    best = _brute_force(plans)
+    assert best > 0, "the budget never binds: the test checks nothing"
+    assert sum(SENSITIVITY[n][b.w] for n, b in ilp.items()) == pytest.approx(best)
+
+
+def test_warm_starts_include_the_hessian_plan_when_asked(layers_of):
+    plans = _plans(layers_of("tiny_cnn"), {"max_size_kib": 3.0})
+    starts = warm_starts(plans, ("sensitivity", "hessian"), SENSITIVITY)
+    assert (
+        set(starts) == {"sensitivity-dp", "hessian-ilp"} and starts["hessian-ilp"] == starts["sensitivity-dp"]
+    )
+    assert "hessian-ilp" not in warm_starts(plans, ("sensitivity",), SENSITIVITY)
+    assert load_space("tiny_smoke").search.warm_start == ("uniform",)
+    bits = {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}}
+    assert parse_space({"bits": bits, "search": {"warm_start": ["hessian"]}}).search.warm_start == (
+        "hessian",
+    )
+
+
 def test_no_dp_plan_without_sensitivity_or_under_a_bops_budget(layers_of):
     layers = layers_of("tiny_cnn")
     assert dp_plan(_plans(layers, {"max_size_kib": 3.0}, sensitivity=None)) is None
