@@ -42,3 +42,23 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="other DirectConfig fields, e.g. bn_relative=true lr=1.0 (the scale-free BN loss)",
     )
+
+
+def synth_settings(args: argparse.Namespace) -> dict:
+    """The DirectConfig fields the synthesizer's flags give (``--synth-iters``, ``--synth-batch``, and
+    ``--synth-set KEY=VALUE``, each VALUE parsed as YAML: 0.25, false, 4); unknown fields refused."""
+    import dataclasses
+
+    import yaml
+
+    from dfq_search.errors import refuse_unknown_keys
+    from dfq_search.synth.direct import DirectConfig
+
+    out = {k: v for k, v in {"iterations": args.synth_iters, "batch_size": args.synth_batch}.items() if v}
+    for pair in args.synth_set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--synth-set takes KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    refuse_unknown_keys("DirectConfig", out, [f.name for f in dataclasses.fields(DirectConfig)])
+    return out

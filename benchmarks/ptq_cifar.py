@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, add_synth_args, emit, shared
+from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, add_synth_args, emit, shared, synth_settings
 
 from dfq_search.baselines import CalibSpec, calibration_batches
 from dfq_search.cache import atomic_write, cache_dir
@@ -87,8 +87,7 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     from dfq_search.synth.direct import DirectConfig, synthesize_images
 
     fingerprint = model_fingerprint(bundle.model)
-    overrides = {"iterations": args.synth_iters, "batch_size": args.synth_batch}
-    overrides = {**{k: v for k, v in overrides.items() if v}, **synth_settings(args.synth_set)}
+    overrides = synth_settings(args)
     config = DirectConfig(**{**DirectConfig().__dict__, **overrides})
     # the whole resolved config is in the key, so a change of the synthesizer's defaults is a new entry
     key = json.dumps([bundle.name, fingerprint, n, seed, repr(config)])
@@ -111,25 +110,6 @@ def synthetic(bundle, n: int, seed: int, args, device) -> tuple[torch.Tensor, fl
     seconds = time.perf_counter() - t0
     atomic_write(path, lambda tmp: torch.save({"images": images, "seconds": seconds}, tmp))
     return images, seconds
-
-
-def synth_settings(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings as DirectConfig fields, each VALUE parsed as YAML (0.25, false, 4)."""
-    import dataclasses
-
-    import yaml
-
-    from dfq_search.errors import refuse_unknown_keys
-    from dfq_search.synth.direct import DirectConfig
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--synth-set takes KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    refuse_unknown_keys("DirectConfig", out, [f.name for f in dataclasses.fields(DirectConfig)])
-    return out
 
 
 def generator_images(bundle, n: int, seed: int, args, device) -> torch.Tensor:

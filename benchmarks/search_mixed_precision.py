@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CIFAR_TEST, CIFAR_WEIGHTS, emit, shared
+from _common import CIFAR_TEST, CIFAR_WEIGHTS, add_synth_args, emit, shared, synth_settings
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
                         "default: the space file's")  # fmt: skip
     p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
     p.add_argument("--model", default="cifar_resnet20")
+    p.add_argument("--warm-start", nargs="+", default=["uniform", "sensitivity", "hessian"],
+                   help="warm starts (default: uniform, ZeroQ's DP and HAWQ-V3's ILP plan)")  # fmt: skip
+    refine = "plans rerun with other seeds at the end (default: the space's; 0: none)"
+    p.add_argument("--refine-top", type=int, default=None, help=refine)
+    add_synth_args(p)
     return p.parse_args()
 
 
@@ -86,11 +91,14 @@ def space_for(args, budget: int, sampler: str, seed: int):
         del ptq["capacity"]
     raw["method"] = {"kind": "ptq", "ptq": ptq}
     raw["samples"]["calibration"] = args.calibration
+    raw["samples"]["direct"] = {**raw["samples"].get("direct", {}), **synth_settings(args)}
     raw["search"] |= {"trials": args.trials, "sampler": sampler, "seed": seed,
-                      "concurrency": args.concurrency}  # fmt: skip
+                      "concurrency": args.concurrency, "warm_start": list(args.warm_start)}  # fmt: skip
     raw["objective"] |= {"metric": "top1"}
     if args.reports is not None:
         raw["objective"]["reports"] = args.reports
+    if args.refine_top is not None:
+        raw["search"]["refine_top"] = args.refine_top
     return parse_space(raw, f"cifar_resnet20-w{budget}-{sampler}-s{seed}")
 
 
@@ -169,17 +177,20 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
     _score_all_on_half_b(result, bundle, half_b)
     u_row = next((r for k, r in result.marks.items() if f"uniform-w{budget}" in k), {})
     dp_row = next((r for k, r in result.marks.items() if "sensitivity-dp" in k), {})
+    ilp_row = next((r for k, r in result.marks.items() if "hessian-ilp" in k), {})
     uniform, dp = u_row.get("test_top1"), dp_row.get("test_top1")
     best = result.best or {}
     top_trial = best_trial(result.rows) or {}  # the highest single score (what an unrefined campaign ships)
     row = {"budget": f"w{budget}{'+bops' if args.bops else ''}", "sampler": sampler, "seed": seed,
            "trials": len(result.rows),
            "complete": len(candidates(result.rows)), "uniform_top1_B": uniform, "dp_top1_B": dp,
+           "ilp_top1_B": ilp_row.get("test_top1"),
            "best_top1_B": best.get("test_top1"), "best_top1_A": best.get("score"),
            "best_size_kib": best.get("size_kib"), "best_refined_mean_A": best.get("refined_mean"),
            "best_mean_top1_B": _mean_on_half_b(result, best, bundle, half_b),
            "uniform_mean_top1_B": _mean_on_half_b(result, u_row, bundle, half_b),
            "dp_mean_top1_B": _mean_on_half_b(result, dp_row, bundle, half_b),
+           "ilp_mean_top1_B": _mean_on_half_b(result, ilp_row, bundle, half_b),
            "top_trial_top1_B": top_trial.get("test_top1"), "top_trial_top1_A": top_trial.get("score"),
            "uniform_beaten_by_front": _uniform_dominated(result),
            "seconds": time.perf_counter() - start}  # fmt: skip
