@@ -6,7 +6,7 @@ the shipped space's method knobs, budget repair included).
 A study is filled with N finished trials (random points of the space, a cheap objective of the plan:
 no model is run), then the next ``--asks`` proposals are timed (ask, the space function, tell), as the
 driver makes them when a trial ends. Seconds are the process's CPU time (a busy machine does not
-inflate them); memory is the growth of the process's resident set while the study was filled.
+inflate them); memory is what the filled study holds (Python allocations, tracemalloc).
 The budget a cluster sets: a proposal must take less than (trial seconds / concurrent trials), e.g.
 0.6 s for 100 GPUs running 60-second trials.
 
@@ -19,20 +19,15 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def plan_space():
@@ -119,13 +114,14 @@ def main() -> None:
         for n in args.trials:
             multi = sampler == "nsga2"
             study = study_for(sampler, args.seed)
-            before = rss_mib()
+            tracemalloc.start()
             fill(study, space_fn, n, multi)
-            grown = rss_mib() - before
+            held = tracemalloc.get_traced_memory()[0] / 2**20
+            tracemalloc.stop()
             seconds = timed_asks(study, space_fn, args.asks, multi)
             rows.append({"sampler": sampler, "trials": n, "params": len(study.trials[0].params),
-                         "s_per_proposal": sum(seconds) / len(seconds), "max_s": max(seconds),
-                         "study_MiB": round(grown, 1)})  # fmt: skip
+                         "ms_per_proposal": round(1000 * sum(seconds) / len(seconds), 1),
+                         "max_ms": round(1000 * max(seconds), 1), "study_MiB": round(held, 1)})  # fmt: skip
             print(format_table(rows[-1:]), flush=True)
             del study
     print(format_table(rows))
