@@ -721,7 +721,7 @@ def test_the_corpus_is_large():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_line_exit_2_and_damages_nothing(name, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_damages_nothing(name, tmp_path, capsys, patience):
     case = CASES[name](tmp_path)
     before = _snapshot(case.keep)
     capsys.readouterr()
@@ -742,6 +742,7 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(name, tmp_path, capsys
     store = tmp_path / "store"
     empty = [p.name for p in store.iterdir() if p.is_dir() and not any(p.iterdir())] if store.is_dir() else []
     assert not empty, f"{name}: left empty campaign folders {empty}"
-    assert seconds < 5, f"{name} took {seconds:.1f} s: validation must come before compute"
+    # refused before compute: seconds on a machine at load 4 (times the measured slowdown), never minutes
+    assert seconds < patience(5), f"{name} took {seconds:.1f} s: validation must come before compute"
     ray = __import__("sys").modules.get("ray")
     assert ray is None or not ray.is_initialized(), f"{name} started Ray"
