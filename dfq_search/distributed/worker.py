@@ -61,14 +61,21 @@ class GeneratorWorker:
             if sum(map(len, pending)) >= cfg.chunk:
                 in_flight = self._send(pending, in_flight)
             if self.trainer.step_count % cfg.publish_every == 0:
+                # the published state never runs ahead of the samples the buffer holds: a worker
+                # restarted from it resumes after them (a step still pending at a kill was lost)
+                in_flight = self._drain(pending, in_flight)  # None: nothing in flight
                 self._publish()
             if self.trainer.step_count == cfg.keep_after:
                 self._publish(warmup_name(cfg.name))
-        in_flight = self._send(pending, in_flight)
-        if in_flight is not None:
-            ray.get(in_flight)
+        self._drain(pending, in_flight)
         ray.get(self._publish())
         return self.status()
+
+    def _drain(self, pending: list, in_flight) -> None:
+        """Send what is pending and wait until the buffer holds it (nothing is in flight after it)."""
+        in_flight = self._send(pending, in_flight)
+        if in_flight is not None:
+            self.waiting_full = self.config.pause_when_full and not ray.get(in_flight)["wants_more"]
 
     def _send(self, pending: list, in_flight):
         """Send the pending chunk; waits for the previous one first (back-pressure, one in flight)."""
