@@ -335,11 +335,17 @@ def prepare(
         "uniform_limit_kib": plans.uniform_limit,
         "limits": {kind: {"cost": key, "limit": v} for kind, (key, v) in plans.limits.items()},
         "warm_starts": {k: {n: asdict(b) for n, b in v.items()} for k, v in starts.items()},
-        "test_data": None
-        if test is None
-        else (str(opts.test_data) if opts.test_data else "digits test split"),
+        "test_data": None if test is None else _test_name(opts),
     }
     return Prepared(bundle, plans, ctx, starts, test, meta)
+
+
+def _test_name(opts: CampaignOptions) -> str:
+    """What the test images are, for the summary: a folder, images handed over in memory (a benchmark's
+    held-out half), or the embedded default's digits test split."""
+    if opts.test_data:
+        return str(opts.test_data)
+    return "the test images given to the campaign" if opts.test_images is not None else "digits test split"
 
 
 def run_campaign(opts: CampaignOptions, log: Log = print_line, *, runner: Runner) -> CampaignResult:
