@@ -21,10 +21,15 @@ SENSITIVITY_IMAGES = 128
 HESSIAN_IMAGES, HESSIAN_BATCH, HESSIAN_PROBES = 128, 32, 8
 
 
+def _by_bits(saved: dict) -> dict[str, dict[int, float]]:
+    """A per-layer, per-bits table as JSON keeps it (bits as strings), with int bits again."""
+    return {k: {int(b): v for b, v in d.items()} for k, d in saved.items()}
+
+
 def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict:
     path = run_dir / "sensitivity.json"
     if path.is_file():
-        return {k: {int(b): v for b, v in d.items()} for k, d in json.loads(path.read_text()).items()}
+        return _by_bits(json.loads(path.read_text()))
     from dfq_search.ptq.sensitivity import zeroq_sensitivity
 
     probe = PlanSpace(plans_space, layers)
@@ -41,8 +46,7 @@ def hessian_sensitivity(bundle, calib, plans: PlanSpace, run_dir: Path, device, 
     calibration samples and kept in the campaign folder (``hessian.json``: the traces and Ω)."""
     path = run_dir / "hessian.json"
     if path.is_file():
-        omega = json.loads(path.read_text())["omega"]
-        return {k: {int(b): v for b, v in d.items()} for k, d in omega.items()}
+        return _by_bits(json.loads(path.read_text())["omega"])
     from dfq_search.ptq.hessian import hawq_sensitivity, hessian_traces
 
     bits = sorted({w for c in plans.choices for w in c.w})
