@@ -58,10 +58,10 @@ def image_sets(args, bundle) -> dict[str, object]:
     from dfq_search.search.samples import campaign_samples
     from dfq_search.search.space import Samples
 
-    campaign = campaign_samples(bundle, Samples(calibration=512, heldout=256, iterations=100, seed=0))
+    campaign = campaign_samples(bundle, Samples(calibration=512, heldout=256, seed=0))  # DirectConfig's
     sets = {"heldout256": campaign.heldout, "calib512": campaign.calib}
     if args.fresh:  # another seed, cached like a campaign's samples
-        fresh = campaign_samples(bundle, Samples(calibration=args.fresh, heldout=1, iterations=100, seed=7))
+        fresh = campaign_samples(bundle, Samples(calibration=args.fresh, heldout=1, seed=7))
         sets[f"fresh{args.fresh}"] = fresh.calib
     if args.noise:
         gen = torch.Generator().manual_seed(11)
