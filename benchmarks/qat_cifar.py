@@ -21,6 +21,10 @@ Rows:
     ptq          the PTQ start alone (no game)
     gdfq dsg adadfq adasg lrq    the presets of dfq_search/qat/presets, from ``--start``
     adadfq-lrq   AdaDFQ's game with LRQ's long-range generator
+    distill      end-to-end distillation of the PTQ start to P (``dfq_search.qat.distill``: KL on
+                 flipped, shifted synthetic images, Adam, cosine) on ``--distill-pool`` direct-synthesis
+                 images (the PTQ start's calibration images are the first ``--ptq-images`` of them),
+                 ``--distill-set key=value`` for any DistillConfig setting
     real         the same Q steps (KD + CE) on real train-5k images from the same start (RTN when the
                  games' start is ``track``): the upper reference
 
@@ -50,18 +54,20 @@ import time
 
 import torch
 import torch.nn.functional as F
+import yaml
 from _common import CIFAR_TEST, CIFAR_TRAIN_5K, CIFAR_WEIGHTS, emit, shared
 
 from dfq_search.data import ImageData, load_image_folder
 from dfq_search.evaluate import Evaluator
 from dfq_search.models import create_model
 from dfq_search.ptq import PTQConfig, ReconConfig, run_ptq
-from dfq_search.qat import Game, QLossParams, load_config, start_q
+from dfq_search.qat import DistillConfig, Game, QLossParams, distill, load_config, start_q
 from dfq_search.qat.losses import q_objective
 from dfq_search.quant import PROTOCOLS, BitPlan, LayerBits, trace_layers
 from dfq_search.report import format_table
 from dfq_search.search.samples import campaign_samples
 from dfq_search.search.space import Samples
+from dfq_search.synth.direct import DirectConfig
 
 METHODS = {  # row -> (preset, extra overrides)
     "gdfq": ("gdfq", {}),
@@ -71,7 +77,7 @@ METHODS = {  # row -> (preset, extra overrides)
     "lrq": ("lrq", {}),
     "adadfq-lrq": ("adadfq", {"source": {"name": "lrq"}}),
 }
-ALL = ["rtn", "ptq", *METHODS, "real"]
+ALL = ["rtn", "ptq", *METHODS, "distill", "real"]
 configs: dict[str, dict] = {}
 
 
@@ -96,7 +102,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--ptq-images", type=int, default=256, help="synthetic images of the PTQ start")
     p.add_argument("--ptq-iters", type=int, default=ReconConfig.iters, help="reconstruction steps per unit")
-    p.add_argument("--synth-iters", type=int, default=Samples.iterations, help="direct-synthesis steps")
+    p.add_argument("--synth-iters", type=int, default=DirectConfig.iterations, help="direct-synthesis steps")
+    p.add_argument("--distill-pool", type=int, default=1024, help="images the distill row trains on")
+    p.add_argument("--distill-set", nargs="*", default=[], help="DistillConfig settings, key=value (YAML)")
     p.add_argument("--heldout", type=int, default=256, help="held-out synthetic images (0: no fidelity)")
     p.add_argument("--monitor-every", type=int, default=0, help="print the held-out fidelity every K steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
@@ -176,6 +184,19 @@ def run_game(bundle, q, method: str, args, seed: int, device, fidelity: Fidelity
             "q_step_s": statistics.fmean(game.q_step.seconds or [float("nan")])}  # fmt: skip
 
 
+def run_distill(bundle, q, args, seed: int, starts: Starts, fidelity: Fidelity | None) -> dict:
+    """The distill row: Q (the PTQ start) distilled to P on the synthetic pool."""
+    settings = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.distill_set)}
+    cfg = DistillConfig(**{"seed": seed, **settings})
+    configs["distill"] = dataclasses.asdict(cfg)
+    pool = starts.synthetic(seed)[0][: args.distill_pool]
+    every = args.monitor_every if fidelity is not None else 0
+    monitor = (lambda step, q: print(f"  step {step}: {fmt(fidelity(q))}", flush=True)) if every else None
+    info = distill(bundle.model, q, pool, cfg, monitor, every)
+    return {"seconds": info["seconds"], "samples_per_s": None, "g_step_s": None,
+            "q_step_s": info["seconds"] / cfg.steps}  # fmt: skip
+
+
 def run_real(bundle, q, args, seed: int, device) -> dict:
     """The same number of Q steps (KD + CE to the true labels, T = 20) on real train-5k images."""
     data = load_image_folder(shared(CIFAR_TRAIN_5K), bundle.preprocess)
@@ -218,8 +239,9 @@ class Starts:
         """(calibration images, held-out images, seconds of synthesis; 0 when read from the cache)."""
         if seed not in self.samples:
             a = self.args
-            cfg = Samples(source="direct", calibration=max(a.ptq_images, 1), heldout=max(a.heldout, 1),
-                          iterations=a.synth_iters, seed=seed)  # fmt: skip
+            pool = a.distill_pool if "distill" in a.methods else 0
+            cfg = Samples(source="direct", calibration=max(a.ptq_images, pool, 1), heldout=max(a.heldout, 1),
+                          direct=DirectConfig(iterations=a.synth_iters), seed=seed)  # fmt: skip
             s = campaign_samples(self.bundle, cfg, self.device)
             print(f"seed {seed}: synthetic images: {s.origin}", flush=True)
             self.samples[seed] = (s.calib.to(self.device), s.heldout.to(self.device), s.seconds)
@@ -274,13 +296,15 @@ def main() -> None:
             for seed in args.seeds:
                 # the ptq row is the PTQ start alone; real fine-tunes the games' start (set ranges: not track)
                 start = "ptq" if method == "ptq" else args.start if method in METHODS else "rtn"
-                if method == "real" and args.start == "ptq":
+                if method == "distill" or (method == "real" and args.start == "ptq"):
                     start = "ptq"
                 q, start_s = starts.make(start, bits, seed)
                 fidelity = starts.fidelity(seed)
                 info = {"seconds": 0.0, "samples_per_s": None, "g_step_s": None, "q_step_s": None}
                 if method == "real":
                     info = run_real(bundle, q, args, seed, device)
+                elif method == "distill":
+                    info = run_distill(bundle, q, args, seed, starts, fidelity)
                 elif method in METHODS:
                     info = run_game(bundle, q, method, args, seed, device, fidelity)
                 per_seed.append({**info, "start_s": start_s, "top1": ev(q).top1,
@@ -301,6 +325,7 @@ def main() -> None:
           "seeds": args.seeds, "q_lr": args.q_lr, "threads": torch.get_num_threads(),
           "test_images": len(test), "start": args.start, "ptq_images": args.ptq_images,
           "ptq_iters": args.ptq_iters, "heldout": args.heldout, "set": args.set,
+          "distill_pool": args.distill_pool, "distill_set": args.distill_set,
           "configs": configs, "results": results})  # fmt: skip
 
 

@@ -1,0 +1,95 @@
+"""End-to-end distillation after PTQ: its augmentations, its loss, what it trains, and that it learns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dfq_search.errors import DfqError
+from dfq_search.qat import start_q
+from dfq_search.qat.distill import DistillConfig, augment, distill, kl_to_p
+from dfq_search.quant import BitPlan
+
+
+def _images(n: int, shape, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return 0.6 * torch.randn(n, *shape, generator=gen) + 0.3  # P's "real" data (see conftest)
+
+
+def test_shift_moves_the_image_and_flip_mirrors_it() -> None:
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float).view(2, 1, 6, 6)
+    flipped = augment(x, DistillConfig(shift=0, flip=True), torch.Generator().manual_seed(0))
+    for a, b in zip(flipped, x, strict=True):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(2))
+    shifted = augment(x, DistillConfig(shift=1, flip=False), torch.Generator().manual_seed(3))
+    assert shifted.shape == x.shape
+    # a shift by at most one pixel keeps the centre 4x4 of the image somewhere in a 1-pixel window
+    for a, b in zip(shifted, x, strict=True):
+        centre = b[0, 1:5, 1:5]
+        assert any(torch.equal(a[0, 1 + dy : 5 + dy, 1 + dx : 5 + dx], centre)
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # fmt: skip
+
+
+def test_mixup_is_a_convex_combination_of_two_batch_images() -> None:
+    x = torch.stack([torch.full((1, 2, 2), float(v)) for v in (0.0, 1.0, 10.0, 100.0)])
+    mixed = augment(x, DistillConfig(flip=False, shift=0, mixup=0.5), torch.Generator().manual_seed(0))
+    for m in mixed:
+        value = float(m[0, 0, 0])
+        assert torch.all(m == value)
+        assert 0.0 <= value <= 100.0
+    assert not torch.equal(mixed, x)
+
+
+def test_kl_is_zero_only_when_logits_agree_up_to_a_constant() -> None:
+    z = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    assert float(kl_to_p(z, z + 3.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_to_p(z, z.flip(1), 1.0)) > 0.1
+    assert float(kl_to_p(z, z.flip(1), 4.0)) != pytest.approx(float(kl_to_p(z, z.flip(1), 1.0)))
+
+
+def _q(p, shape):
+    return start_q(p, BitPlan.uniform(3, 3), shape, start="rtn", calib_images=64, seed=0)
+
+
+def _kl(p, q, x) -> float:
+    with torch.no_grad():
+        return float(kl_to_p(p(x), q(x), 1.0))
+
+
+def test_distill_brings_q_closer_to_p_on_images_it_never_saw(tiny_p) -> None:
+    p, shape = tiny_p
+    q, pool, fresh = _q(p, shape), _images(256, shape, 0), _images(256, shape, 1)
+    before = _kl(p, q, fresh)
+    info = distill(p, q, pool, DistillConfig(steps=60, batch_size=32, lr=1e-3, shift=1))
+    assert info["loss_last"] < info["loss_first"]
+    assert _kl(p, q, fresh) < 0.8 * before
+
+
+def test_steps_only_leaves_weights_and_p_untouched(tiny_p) -> None:
+    p, shape = tiny_p
+    q, pool = _q(p, shape), _images(64, shape)
+    p0, q0 = copy.deepcopy(p.state_dict()), copy.deepcopy(q.state_dict())
+    distill(p, q, pool, DistillConfig(steps=5, batch_size=16, lr=1e-2, trainable="steps"))
+    assert all(torch.equal(v, p.state_dict()[k]) for k, v in p0.items())
+    moved = {k for k, v in q.state_dict().items() if not torch.equal(v, q0[k])}
+    assert moved and all(k.endswith("scale") for k in moved)
+
+
+def test_same_seed_same_model(tiny_p) -> None:
+    p, shape = tiny_p
+    pool = _images(64, shape)
+    runs = []
+    for _ in range(2):
+        q = _q(p, shape)
+        distill(p, q, pool, DistillConfig(steps=5, batch_size=16, lr=1e-3, mixup=1.0))
+        runs.append(q.state_dict())
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"temperature": 0.0}, {"shift": -1},
+                                 {"trainable": "bn"}, {"mixup": float("nan")}])  # fmt: skip
+def test_bad_settings_are_refused(bad) -> None:
+    with pytest.raises(DfqError):
+        DistillConfig(**bad)
