@@ -49,6 +49,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import re
 import statistics
 import time
 
@@ -85,7 +86,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar_resnet20", choices=list(CIFAR_WEIGHTS))
     p.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
-    p.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    p.add_argument("--bits", nargs="+", type=plan_bits, default=[(4, 4), (3, 3)],
+                   help="plans: 3 (W3A3) or W2A4 (2-bit weights, 4-bit activations)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--iterations", type=int, default=1200)
     p.add_argument("--warmup", type=int, default=100)
@@ -110,6 +112,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     p.add_argument("--device", default="cpu")
     return p.parse_args()
+
+
+def plan_bits(text: str) -> tuple[int, int]:
+    """'3' -> (3, 3); 'W2A4' -> (2, 4)."""
+    m = re.fullmatch(r"(\d+)|[wW](\d+)[aA](\d+)", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a bit width (3) or a plan such as W2A4")
+    return (int(m[1]), int(m[1])) if m[1] else (int(m[2]), int(m[3]))
 
 
 def game_iterations(args: argparse.Namespace) -> int:
@@ -250,25 +260,25 @@ class Starts:
     def fidelity(self, seed: int) -> Fidelity | None:
         return Fidelity(self.bundle.model, self.synthetic(seed)[1]) if self.args.heldout else None
 
-    def make(self, start: str, bits: int, seed: int) -> tuple:
+    def make(self, start: str, bits: tuple[int, int], seed: int) -> tuple:
         """(Q, seconds its start took) for ``start`` in rtn / track / ptq."""
         if start != "ptq":
-            q = start_q(self.bundle.model, BitPlan.uniform(bits, bits), self.bundle.preprocess.shape,
+            q = start_q(self.bundle.model, BitPlan.uniform(*bits), self.bundle.preprocess.shape,
                         PROTOCOLS["generative"].config, start, seed=seed, device=self.device)  # fmt: skip
             return q, 0.0
         if (bits, seed) not in self.ptq:
             calib, heldout, synth_s = self.synthetic(seed)
             calib = calib[: self.args.ptq_images]
             # every layer at the bits (generative plan), weight ranges MSE-searched and fixed
-            plan = PROTOCOLS["generative"].plan(self.layers, LayerBits(bits, bits))
+            plan = PROTOCOLS["generative"].plan(self.layers, LayerBits(*bits))
             qcfg = dataclasses.replace(PROTOCOLS["generative"].config, weight_range="mse")
             cfg = PTQConfig(recon=ReconConfig(iters=self.args.ptq_iters, seed=seed))
             torch.manual_seed(seed)
             # the guard keeps the RTN start if reconstruction loses fidelity on the held-out images
             res = run_ptq(self.bundle.model, plan, list(calib.split(64)), cfg, qcfg, self.device,
                           heldout=heldout if self.args.heldout else None)  # fmt: skip
-            print(f"W{bits}A{bits} PTQ start seed {seed}: {res.seconds:.1f} s (+ synthesis {synth_s:.1f} s), "
-                  f"guard {res.guard}", flush=True)  # fmt: skip
+            print(f"W{bits[0]}A{bits[1]} PTQ start seed {seed}: {res.seconds:.1f} s "
+                  f"(+ synthesis {synth_s:.1f} s), guard {res.guard}", flush=True)  # fmt: skip
             self.ptq[(bits, seed)] = (res.model, res.seconds + synth_s)
         q, seconds = self.ptq[(bits, seed)]
         return copy.deepcopy(q), seconds
@@ -309,14 +319,14 @@ def main() -> None:
                     info = run_game(bundle, q, method, args, seed, device, fidelity)
                 per_seed.append({**info, "start_s": start_s, "top1": ev(q).top1,
                                  **(fidelity(q) if fidelity else {})})  # fmt: skip
-                print(f"W{bits}A{bits} {method} seed {seed}: {per_seed[-1]}", flush=True)
-            row = {"plan": f"W{bits}A{bits}", "method": method, "start": start}
+                print(f"W{bits[0]}A{bits[1]} {method} seed {seed}: {per_seed[-1]}", flush=True)
+            row = {"plan": f"W{bits[0]}A{bits[1]}", "method": method, "start": start}
             for key in keys:
                 vals = [r[key] for r in per_seed if r.get(key) is not None]
                 row[key] = statistics.fmean(vals) if vals else None
             row["drop"] = fp - row["top1"]
             rows.append(row)
-            results[f"W{bits}A{bits}/{method}"] = {**row, "per_seed": per_seed}
+            results[f"W{bits[0]}A{bits[1]}/{method}"] = {**row, "per_seed": per_seed}
     cols = ["plan", "method", "start", "top1", "drop", "seconds", "start_s", "samples_per_s", "g_step_s",
             "q_step_s", "ho_kl", "ho_agree"]  # fmt: skip
     print(format_table(rows, cols), flush=True)

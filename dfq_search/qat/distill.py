@@ -3,7 +3,10 @@
 Block reconstruction (BRECQ/ModCap) matches each unit's output on its calibration images; this stage
 then matches the whole network's logits, which the units never saw together. Each step draws a batch
 from the image pool, augments it (random flip, a random shift by up to ``shift`` pixels with reflected
-borders, MixUp between images of the batch), and minimises KL(P(x) ‖ Q(x)) at ``temperature`` on it:
+borders, MixUp between images of the batch), optionally moves a fraction of the batch to where Q and P
+disagree most (``adv_steps`` signed-gradient ascent steps on KL(P ‖ Q) within an L∞ ball of
+``adv_eps`` per-channel standard deviations of the pool, as in ZAQ's discrepancy maximisation, but on
+the images rather than a generator), and minimises KL(P(x) ‖ Q(x)) at ``temperature`` on it:
 P labels every augmented image itself, so the augmentations make new inputs without any label. Q's
 trainable parameters (all weights and activation step sizes, or only the step sizes) move with Adam
 under a cosine schedule. P and Q stay in eval mode (BatchNorm statistics are not updated).
@@ -37,20 +40,26 @@ class DistillConfig:
     shift: int = 2  # pixels; 0: no shift
     mixup: float = 0.0  # Beta(α, α) mixing of images within a batch; 0: none
     trainable: str = "all"  # all: weights and activation step sizes; steps: step sizes only
+    adv_steps: int = 0  # ascent steps on KL(P ‖ Q) per batch; 0: no adversarial images
+    adv_eps: float = 0.1  # L∞ radius, in per-channel standard deviations of the pool
+    adv_fraction: float = 0.5  # share of each batch made adversarial
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "shift", "adv_steps"):
+            v, least = getattr(self, name), 0 if name in ("shift", "adv_steps") else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise DfqError(f"distill {name}", v, f"an int >= {least}", f"set {name} to one")
+        bounds = {"lr": (0, math.inf), "weight_lr_scale": (0, math.inf), "temperature": (1e-6, math.inf),
+                  "mixup": (0, math.inf), "adv_eps": (0, 10), "adv_fraction": (0, 1)}  # fmt: skip
+        for name, (lo, hi) in bounds.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise DfqError(f"distill {name}", v, "an int >= 1", f"set {name} to a positive int")
-        for name in ("lr", "weight_lr_scale", "temperature", "mixup"):
-            v = getattr(self, name)
-            bad = not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
-            if bad or (name == "temperature" and v == 0):
-                raise DfqError(f"distill {name}", v, "a finite number >= 0 (temperature > 0)", f"set {name}")
-        if not isinstance(self.shift, int) or self.shift < 0:
-            raise DfqError("distill shift", self.shift, "an int >= 0 (pixels)", "set shift")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not (lo <= v <= hi and math.isfinite(v))
+            ):
+                raise DfqError(f"distill {name}", v, f"a finite number in [{lo:g}, {hi:g}]", f"set {name}")
         if self.trainable not in TRAINABLE:
             raise DfqError("distill trainable", self.trainable, f"one of {TRAINABLE}", "set trainable")
 
@@ -77,6 +86,21 @@ def kl_to_p(z_p: Tensor, z_q: Tensor, t: float) -> Tensor:
     """T² · KL(softmax(z_p/T) ‖ softmax(z_q/T)), batch mean."""
     log_p, log_q = F.log_softmax(z_p / t, 1), F.log_softmax(z_q / t, 1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * t * t
+
+
+def adversarial(p: nn.Module, q: nn.Module, x: Tensor, cfg: DistillConfig, radius: Tensor) -> Tensor:
+    """The first ``adv_fraction`` of ``x`` moved by ``adv_steps`` signed-gradient ascent steps on
+    KL(P ‖ Q), within ``radius`` (per channel) of where it started; the rest unchanged."""
+    k = round(cfg.adv_fraction * len(x))
+    if not cfg.adv_steps or k == 0:
+        return x
+    x0, step = x[:k], radius * (2.5 / cfg.adv_steps)  # PGD's usual step: 2.5 ε / steps
+    xa = x0.clone()
+    for _ in range(cfg.adv_steps):
+        xa.requires_grad_(True)
+        (g,) = torch.autograd.grad(kl_to_p(p(xa), q(xa), cfg.temperature), xa)
+        xa = torch.minimum(torch.maximum(xa.detach() + step * g.sign(), x0 - radius), x0 + radius)
+    return torch.cat([xa, x[k:]])
 
 
 def _param_groups(q: nn.Module, cfg: DistillConfig) -> list[dict]:
@@ -109,10 +133,11 @@ def distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # MixUp's Beta draws
+    radius = cfg.adv_eps * images.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x = augment(images[idx.to(images.device)], cfg, gen)
+        x = adversarial(p, q, augment(images[idx.to(images.device)], cfg, gen), cfg, radius)
         with torch.no_grad():
             z_p = p(x)
         loss = kl_to_p(z_p, q(x), cfg.temperature)

@@ -9,7 +9,7 @@ import torch
 
 from dfq_search.errors import DfqError
 from dfq_search.qat import start_q
-from dfq_search.qat.distill import DistillConfig, augment, distill, kl_to_p
+from dfq_search.qat.distill import DistillConfig, adversarial, augment, distill, kl_to_p
 from dfq_search.quant import BitPlan
 
 
@@ -88,8 +88,29 @@ def test_same_seed_same_model(tiny_p) -> None:
     assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
 
 
+def test_adversarial_images_raise_the_disagreement_within_the_radius(tiny_p) -> None:
+    p, shape = tiny_p
+    q, x = _q(p, shape), _images(32, shape)
+    radius = 0.1 * x.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    xa = adversarial(p, q, x, DistillConfig(adv_steps=3, adv_fraction=0.5), radius)
+    moved, kept = xa[:16], xa[16:]
+    assert torch.equal(kept, x[16:])
+    assert torch.all((moved - x[:16]).abs() <= radius + 1e-6)
+    assert not torch.equal(moved, x[:16])
+    assert _kl(p, q, moved) > 1.2 * _kl(p, q, x[:16])
+    assert all(t.grad is None for t in (*p.parameters(), *q.parameters()))
+
+
+def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
+    p, shape = tiny_p
+    x = _images(8, shape)
+    assert adversarial(p, _q(p, shape), x, DistillConfig(adv_steps=0), torch.ones(1)) is x
+
+
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"temperature": 0.0}, {"shift": -1},
-                                 {"trainable": "bn"}, {"mixup": float("nan")}])  # fmt: skip
+                                 {"trainable": "bn"}, {"mixup": float("nan")}, {"adv_steps": -1},
+                                 {"adv_fraction": 1.5}, {"adv_eps": float("inf")},
+                                 {"adv_steps": True}])  # fmt: skip
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(DfqError):
         DistillConfig(**bad)
