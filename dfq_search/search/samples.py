@@ -22,7 +22,7 @@ from dfq_search.errors import DfqError
 from dfq_search.fingerprint import model_fingerprint
 from dfq_search.models import ModelBundle
 from dfq_search.search.runner import print_line
-from dfq_search.search.space import Samples
+from dfq_search.search.space import READ_BY, Samples
 
 Log = Callable[[str], None]
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out set is a different draw from the calibration set
@@ -79,6 +79,15 @@ def _bank(bundle: ModelBundle, cfg: Samples) -> tuple[Tensor, Tensor]:
     return x[perm[: cfg.calibration]], x[perm[cfg.calibration :]]
 
 
+def cache_key(bundle: ModelBundle, cfg: Samples) -> str:
+    """P, its input shape and every setting the source reads (cfg.direct included: when a default
+    changes, old samples are not reused); settings only another source reads are left out, so adding
+    or changing one (a generator's) does not throw the synthesized images away."""
+    read = {k: v for k, v in asdict(cfg).items() if READ_BY["samples"].get(k, cfg.source) == cfg.source}
+    key = json.dumps([model_fingerprint(bundle.model), read, list(bundle.preprocess.shape)], default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def campaign_samples(
     bundle: ModelBundle,
     cfg: Samples,
@@ -90,11 +99,7 @@ def campaign_samples(
         start = time.perf_counter()
         calib, heldout = _bank(bundle, cfg)
         return CampaignSamples(calib, heldout, time.perf_counter() - start, f"bank {cfg.bank}")
-    # every synthesis setting is in the key (cfg.direct): when a default changes, old samples are not new
-    key = json.dumps(
-        [model_fingerprint(bundle.model), asdict(cfg), list(bundle.preprocess.shape)], default=str
-    )
-    path = cache_dir() / "synth" / f"campaign-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    path = cache_dir() / "synth" / f"campaign-{cache_key(bundle, cfg)}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return CampaignSamples(saved["calib"], saved["heldout"], 0.0, f"cache {path}")
