@@ -133,9 +133,10 @@ class SampleBank:
 
     # --- samples ---------------------------------------------------------------------------------
     def write_shard(
-        self, samples: Samples, config_hash: str = "", compression: str | None = None
+        self, samples: Samples, config_hash: str = "", compression: str | None = None, writer: str = ""
     ) -> ShardEntry:
-        """Commit ``samples`` as one shard (atomic), then its index entry (atomic)."""
+        """Commit ``samples`` as one shard (atomic), then its index entry (atomic); ``writer`` is
+        recorded in the entry (a buffer shard rebuilt after a crash reloads what it wrote)."""
         if tuple(samples.x.shape[1:]) != self.header.image_shape:
             raise DfqError("sample shape", tuple(samples.x.shape[1:]), f"{self.header.image_shape}",
                            "write samples of the bank's model")  # fmt: skip
@@ -144,7 +145,7 @@ class SampleBank:
         sid = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         steps = samples.step.tolist() or [0]
         entry = ShardEntry(f"shards/{sid}.parquet", len(samples), len(data), hashlib.sha256(data).hexdigest(),
-                           samples.generator, config_hash, min(steps), max(steps))  # fmt: skip
+                           samples.generator, config_hash, min(steps), max(steps), writer)  # fmt: skip
         write_atomic(self.fs, f"{self.root}/{entry.file}", data)
         write_atomic(self.fs, f"{self.root}/index/{sid}.json", json.dumps(asdict(entry)).encode())
         return entry

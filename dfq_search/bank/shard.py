@@ -48,6 +48,7 @@ class ShardEntry:
     config_hash: str
     first_step: int
     last_step: int
+    writer: str = ""  # who committed it: "<buffer run id>/<shard index>" for a sample buffer's shard
 
 
 @dataclass

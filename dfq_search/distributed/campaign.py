@@ -1,7 +1,10 @@
 """A campaign's shared samples on Ray (``samples.source: generator``): generator workers train against P
-and fill a named, sharded sample buffer, which is spilled to the campaign's Parquet bank; trials draw
-their calibration samples from the buffer by name (:class:`BufferDraw`). A campaign resumed, or a
-buffer shard rebuilt after a crash, reloads from the bank with no generation.
+and fill a named, sharded sample buffer, which writes every chunk and published generator through to
+the campaign's Parquet bank; trials draw their calibration samples from the buffer by name
+(:class:`BufferDraw`). A campaign resumed reloads from the bank (its workers resume from the
+generators published there, with no generation when the bank holds enough); a buffer shard rebuilt
+after a crash or a lost node reloads its share of the bank; a generator worker restarted resumes
+from its last published state.
 
 The held-out samples of the label-free objective are drawn fresh from the workers' final published
 generators (never put in the buffer, so no trial calibrates on them).
@@ -26,6 +29,8 @@ from dfq_search.search.runner import print_line
 from dfq_search.search.space import Resources, Samples
 
 HELDOUT_SEED = 7919
+PUBLISH_EVERY = 50  # steps between a generator worker's published states (at most)
+Log = Callable[[str], None]
 _LIVE: dict[str, SampleBuffer] = {}  # the driver holds its buffers: Ray collects actors nobody holds
 
 
@@ -52,8 +57,11 @@ class BufferDraw:
 
 
 def _configs(cfg: Samples) -> list[WorkerConfig]:
+    # a worker publishes its state at least four times: one restarted (its node lost) replays at most a
+    # quarter of its steps, and one of a short generation does not start again from scratch
+    every = max(1, min(PUBLISH_EVERY, cfg.generator_steps // 4))
     return [WorkerConfig(name=f"{preset}-{i}", preset=preset, seed=cfg.seed + i, steps=cfg.generator_steps,
-                         keep_after=cfg.keep_after, chunk=256, publish_every=50)
+                         keep_after=cfg.keep_after, chunk=256, publish_every=every)
             for i, preset in enumerate(cfg.generators)]  # fmt: skip
 
 
@@ -83,32 +91,23 @@ def generator_samples(
     steps = max(cfg.generator_steps - cfg.keep_after, 0)
     kept = sum(steps * c.game_config().train.batch_size for c in configs)
     # A restarted worker replays the steps since its last published state (at most publish_every): room
-    # for them, or the buffer fills up and the worker waits for room that no one makes.
+    # for them, or the buffer fills up and the worker waits for room that no one makes. Each worker deals
+    # its chunks round robin over the shards: a shard may get a chunk more than its share from each
+    # worker, and one more from each restart (no shard may evict what the campaign keeps).
     replay = sum(c.publish_every * c.game_config().train.batch_size for c in configs)
+    slack = cfg.buffer_shards * 2 * sum(c.chunk for c in configs) if cfg.buffer_shards > 1 else 0
     shape, classes = bundle.preprocess.shape, bundle.num_classes
-    buffer = _LIVE[name] = SampleBuffer.start(name, max(kept + replay, cfg.calibration), shape, classes,
-                                              namespace=NAMESPACE, bank=(bank_uri, fingerprint))  # fmt: skip
-    loaded = buffer.load_bank(bank_uri, fingerprint)
+    capacity = max(kept + replay + slack, cfg.calibration)
+    buffer = _LIVE[name] = SampleBuffer.start(name, capacity, shape, classes,
+                                              shards=cfg.buffer_shards, namespace=NAMESPACE,
+                                              bank=(bank_uri, fingerprint))  # fmt: skip
+    loaded = buffer.load_bank(bank_uri, fingerprint)  # with the generators published there
     if loaded >= kept:
         origin = f"bank {bank_uri} ({loaded} samples, no generation)"
-        for c in configs:  # the published generators, for the held-out draw
-            versions = SampleBank.open(bank_uri, fingerprint).generator_versions(c.name)
-            if versions:
-                state = SampleBank.open(bank_uri, fingerprint).load_generator(versions[-1])
-                buffer.publish(c.name, versions[-1].step, state)
     else:
-        log(f"generator workers: {', '.join(c.name for c in configs)}, {cfg.generator_steps} steps each")
-        pool = WorkerPool(configs, bundle.model, shape, classes, buffer, gpus_per_worker=resources.worker_gpu,
-                          cpus_per_worker=resources.worker_cpu)  # fmt: skip
-        pool.run()
-        while not pool.done(timeout=10.0):
-            st = buffer.stats()
-            log(f"  buffer {st['filled']}/{st['capacity']} samples, {st['add_rate']:.0f} samples/s")
-        pool.wait()
-        spilled = buffer.spill(bank_uri, header)
-        _publish_to_bank(buffer, configs, bank_uri, fingerprint)
-        pool.shutdown()
-        origin = f"{len(configs)} generator workers, {spilled} samples spilled to {bank_uri}"
+        _generate(bundle, configs, buffer, resources, log)
+        held = buffer.stats()["filled"]
+        origin = f"{len(configs)} generator workers, {held} samples written through to {bank_uri}"
     heldout = _heldout(bundle, buffer, configs, cfg.heldout)
     sources: dict[str, str] = {}
     for c in configs:
@@ -116,11 +115,20 @@ def generator_samples(
     return BufferDraw(name, NAMESPACE, tuple(sources.items())), heldout, time.perf_counter() - start, origin
 
 
-def _publish_to_bank(buffer: SampleBuffer, configs: list[WorkerConfig], uri: str, fingerprint: str) -> None:
-    bank = SampleBank.open(uri, fingerprint)
-    for c in configs:
-        got = buffer.latest_generator(c.name)
-        if got is not None:
-            bank.publish_generator(
-                c.name, got[1]["step"], got[0], got[1].get("config", {}), c.generator_hash()
-            )
+def _generate(
+    bundle: ModelBundle, configs: list[WorkerConfig], buffer: SampleBuffer, resources: Resources, log: Log
+) -> None:
+    """Run the generator workers to their last step (the buffer writes their samples through to the
+    bank), then one line per worker: its node, and from which step it resumed when it was restarted."""
+    steps = configs[0].steps
+    log(f"generator workers: {', '.join(c.name for c in configs)}, {steps} steps each")
+    pool = WorkerPool(configs, bundle.model, bundle.preprocess.shape, bundle.num_classes, buffer,
+                      gpus_per_worker=resources.worker_gpu, cpus_per_worker=resources.worker_cpu)  # fmt: skip
+    pool.run()
+    while not pool.done(timeout=10.0):
+        st = buffer.stats()
+        log(f"  buffer {st['filled']}/{st['capacity']} samples, {st['add_rate']:.0f} samples/s")
+    for name, st in pool.wait().items():
+        again = f", restarted, resumed from step {st['resumed_from']}" if st["reconstructed"] else ""
+        log(f"  generator {name}: {st['step']} steps on node {st['node']}{again}")
+    pool.shutdown()

@@ -5,6 +5,7 @@ tasks for the reruns, generator actors for the shared samples; Tune's results re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ class RayRunner:
     def records(self, run_dir: Path) -> list[TrialRecord]:
         from dfq_search.distributed.tune import load_results
 
-        return records_of(load_results(run_dir))
+        return records_of(*load_results(run_dir))
 
     def rerun(self, configs: list[dict[str, Any]], ctx: Any, cpu: float, gpu: float, done: Done) -> None:
         from dfq_search.distributed.rerun import run_trials
@@ -40,13 +41,30 @@ class RayRunner:
         run_trials(configs, ctx, cpu, gpu, done)
 
 
-def records_of(grid: Any) -> list[TrialRecord]:
-    """Plain records of Tune ``Result`` s (a ``ResultGrid``), in their order."""
+def _scored(df: Any) -> bool:
+    return df is not None and "score" in df and "training_iteration" in df
+
+
+def surviving(iterations: list[int], scores: list[float]) -> list[float]:
+    """The scores of a trial's reports that stand: a trial retried after a failure reports its first
+    iterations again (from the start, or from its checkpoint), and those replace the failed attempt's."""
+    kept: list[tuple[int, float]] = []
+    for it, score in zip(iterations, scores, strict=True):
+        while kept and kept[-1][0] >= it:
+            kept.pop()
+        kept.append((int(it), float(score)))
+    return [s for _, s in kept]
+
+
+def records_of(grid: Any, failures: Mapping[str, int] | None = None) -> list[TrialRecord]:
+    """Plain records of Tune ``Result`` s (a ``ResultGrid``), in their order; ``failures``: failed
+    attempts by trial folder (:func:`~dfq_search.distributed.tune.load_results`)."""
     out = []
     for result in grid:
+        failed = (failures or {}).get(str(result.path), 0)
         metrics = dict(result.metrics or {})
         df = result.metrics_dataframe
-        scores = [float(v) for v in df["score"].tolist()] if df is not None and "score" in df else []
+        scores = surviving(df["training_iteration"].tolist(), df["score"].tolist()) if _scored(df) else []
         out.append(
             TrialRecord(
                 trial=metrics.get("trial_id") or Path(result.path).name,
@@ -56,6 +74,7 @@ def records_of(grid: Any) -> list[TrialRecord]:
                 error=None if result.error is None else str(result.error) or type(result.error).__name__,
                 checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
                 path=str(result.path),
+                retries=max(failed - (result.error is not None), 0),  # a failed trial's last failure ended it
             )
         )
     return out

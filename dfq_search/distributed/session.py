@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 import ray
@@ -97,6 +98,26 @@ def trial_device() -> str:
     import torch
 
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (hex): recorded with every trial report, generator worker
+    status and buffer shard statistics, so a campaign shows where its parts ran."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def spread_nodes() -> list[str]:
+    """The ids of the cluster's live nodes, this process's first (where actors are spread over)."""
+    here = node_id()
+    return [here, *sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)]
+
+
+def on_node(node: str) -> Any:
+    """A scheduling strategy for ``node`` that falls back to any other node when it is gone (soft):
+    where a restarted actor goes when its node was lost."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
 
 def actor_device() -> str:

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from dfq_search.distributed.session import trial_device
+from dfq_search.distributed.session import node_id, trial_device
 from dfq_search.search.runner import TrialsSpec, print_line
 from dfq_search.search.trial import TrialContext, run_trial
 
@@ -52,9 +52,11 @@ def _trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 
+    node = node_id()
+
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, "node": node}, checkpoint=checkpoint)
 
     run_trial(config, ctx, report)
 
@@ -116,9 +118,11 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def load_results(path: Path) -> tune.ResultGrid:
-    """The results of a finished or running campaign, read from its folder (no Ray session needed)."""
-    return tune.ResultGrid(tune.ExperimentAnalysis(str(path)))
+def load_results(path: Path) -> tuple[tune.ResultGrid, dict[str, int]]:
+    """The results of a finished or running campaign, read from its folder (no Ray session needed),
+    and how many attempts of each trial failed (by trial folder; a lost node's trials are retried)."""
+    analysis = tune.ExperimentAnalysis(str(path))
+    return tune.ResultGrid(analysis), {str(t.path): int(t.num_failures) for t in analysis.trials}
 
 
 class ProgressLine(tune.Callback):

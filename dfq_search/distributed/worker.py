@@ -20,7 +20,7 @@ import torch
 
 from dfq_search.bank import SourceTrainer, WorkerConfig, check_forks, concat, share_warmups, warmup_name
 from dfq_search.distributed.buffer import SampleBuffer
-from dfq_search.distributed.session import actor_device, gpu_fraction
+from dfq_search.distributed.session import actor_device, gpu_fraction, node_id
 from dfq_search.errors import DfqError
 
 
@@ -39,9 +39,11 @@ class GeneratorWorker:
         if got is not None and got[1].get("config_hash") == self.hash:
             self.trainer.load_state_dict(got[0])
             self.resumed_from = self.trainer.step_count
-        # a restarted worker replays the steps since its last published state: the buffer has them
-        self.held_up_to = self.buffer.last_step(config.name) if self.resumed_from else -1
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        # a restarted worker replays the steps since its last published state (all of them when it
+        # had published none: it is seeded): the buffer has them
+        again = self.resumed_from or self.reconstructed
+        self.held_up_to = self.buffer.last_step(config.name) if again else -1
         self.paused, self.stopped = threading.Event(), threading.Event()
         self.waiting_full = self.forking = False
         self.forked_at: int | None = None
@@ -145,7 +147,8 @@ class GeneratorWorker:
                 "generator_cpu_seconds": self.trainer.cpu_seconds, "resumed_from": self.resumed_from,
                 "forked_at": self.forked_at, "waiting_for_warmup": self.forking,
                 "reconstructed": self.reconstructed, "paused": self.paused.is_set(),
-                "waiting_full": self.waiting_full, "device": str(self.trainer.device)}  # fmt: skip
+                "waiting_full": self.waiting_full, "device": str(self.trainer.device),
+                "node": node_id()}  # fmt: skip
 
 
 class WorkerPool:
@@ -171,7 +174,7 @@ class WorkerPool:
         self.p_ref = p_ref = ray.put(copy.deepcopy(p).cpu().eval())
         opts = {"num_cpus": cpus_per_worker, "num_gpus": gpu_fraction(gpus_per_worker),
                 "namespace": buffer.namespace, "max_restarts": max_restarts,
-                "max_task_retries": max_restarts}  # fmt: skip
+                "max_task_retries": -1}  # fmt: skip  # a call waits for the restart, however long
         self.workers = {
             c.name: GeneratorWorker.options(name=f"{buffer.name}/worker/{c.name}", **opts)
             .remote(c, p_ref, tuple(input_shape), num_classes, buffer.name, buffer.namespace)

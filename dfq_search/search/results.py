@@ -79,6 +79,8 @@ def result_rows(records: Sequence[TrialRecord], reports: int) -> list[dict[str, 
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),
             "error": failure_reason(result.error),
+            "retries": result.retries,
+            "node": m.get("node"),  # the node of the last report
             "checkpoint": result.checkpoint,
             "path": result.path,
         }

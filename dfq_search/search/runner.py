@@ -62,6 +62,7 @@ class TrialRecord:
     error: str | None = None  # the error of a trial that raised (a remote traceback's text)
     checkpoint: str | None = None  # the folder of the last report's model
     path: str = ""  # the trial's folder
+    retries: int = 0  # times the trial was started again after a failed attempt (e.g. its node was lost)
 
 
 class Runner(Protocol):

@@ -152,8 +152,9 @@ class Samples:
     gaussian: noise; bank: a Parquet bank made by 'dfq-search generate' (``bank``: its path);
     generator: generator workers (Ray actors, one per entry of ``generators``, a game preset each)
     train against P for ``generator_steps`` steps, dropping their first ``keep_after`` steps'
-    samples, into a shared buffer spilled to ``<campaign>/bank``; trials draw ``calibration`` samples
-    from the buffer; the held-out set is drawn fresh from the final generators, never buffered.
+    samples, into a shared buffer of ``buffer_shards`` actors (spread over the cluster's nodes) that
+    writes them through to ``<campaign>/bank``; trials draw ``calibration`` samples from the buffer;
+    the held-out set is drawn fresh from the final generators, never buffered.
     """
 
     source: str = "direct"
@@ -165,6 +166,7 @@ class Samples:
     generators: tuple[str, ...] = ("gdfq",)
     generator_steps: int = 300
     keep_after: int = 100
+    buffer_shards: int = 1  # one per node spreads the serving; a lost node then costs one shard
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def _budget(section: dict) -> Budget:
 # keys of samples and resources that only some sample sources read
 READ_BY = {
     "samples": {"bank": "bank", "direct": "direct", "generators": "generator",
-                "generator_steps": "generator", "keep_after": "generator"},
+                "generator_steps": "generator", "keep_after": "generator", "buffer_shards": "generator"},
     "resources": {"worker_cpu": "generator", "worker_gpu": "generator"},
 }  # fmt: skip
 
@@ -287,6 +289,7 @@ def _samples(data: Mapping) -> Samples:
             "generators": _presets,
             "generator_steps": number("samples.generator_steps", 1, 10**7, integer=True),
             "keep_after": number("samples.keep_after", 0, 10**7, integer=True),
+            "buffer_shards": number("samples.buffer_shards", 1, 1024, integer=True),
             "seed": number("samples.seed", 0, 2**31, integer=True),
         },
     )

@@ -50,7 +50,7 @@ def generated(ray_session, tiny, tmp_path_factory):
 
 def test_generation_fills_the_bank_and_a_rerun_reloads_it(generated, tiny):
     bank, draw, held, origin = generated
-    assert "spilled" in origin and len(held) == CFG.heldout
+    assert "written through" in origin and len(held) == CFG.heldout
     assert SampleBank.open(bank).info()["samples"] == KEPT
     x = draw(CFG.calibration)
     assert x.shape == (CFG.calibration, *tiny.preprocess.shape) and x.dtype == torch.float32

@@ -1,0 +1,243 @@
+"""A campaign on a Ray cluster of several nodes on one machine (``ray.cluster_utils.Cluster``: a head and
+three worker nodes, each its own raylet with one CPU and a custom resource naming it), its storage at
+a ``file://`` URI standing in for a bucket, losing a worker node while its generators run and another
+while its trials run.
+
+What runs where: the driver on the head (no CPU: no trial or generator runs there); the two generator
+workers on two worker nodes (one CPU each), the third free for a restart; the four buffer shards one per
+node; two trials at a time on the worker nodes left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from dfq_search.bank import SampleBank  # noqa: E402
+from dfq_search.distributed import SampleBuffer, init, shutdown  # noqa: E402
+from dfq_search.distributed.campaign import _configs  # noqa: E402
+from dfq_search.distributed.runner import RayRunner  # noqa: E402
+from dfq_search.distributed.session import NAMESPACE  # noqa: E402
+from dfq_search.search import campaign as campaign_module  # noqa: E402
+from dfq_search.search.campaign import CampaignOptions, run_campaign  # noqa: E402
+from dfq_search.search.objective import FidelityScorer  # noqa: E402
+from dfq_search.search.space import parse_space  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+
+# A lost node noticed in about 2 s (Ray's default health check takes tens of seconds).
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
+               "health_check_failure_threshold": 4}  # fmt: skip
+BATCH = 32  # the gdfq and lrq presets' generator batch
+SHARDS = 4  # one per node
+GENERATORS = ("gdfq-0", "lrq-1")
+
+
+def space(trials: int, iters: int, steps: int, keep_after: int) -> dict:
+    return {
+        "model": {"name": "tiny_resnet"},
+        "bits": {"weight": {"_default": [2, 4], "_first_last": [8]},
+                 "activation": {"_default": [4, 8], "_first_last": [8]}},
+        "method": {"kind": "ptq", "ptq": {"recon.iters": iters, "recon.batch_size": 16}},
+        "samples": {"source": "generator", "generators": ["gdfq", "lrq"], "generator_steps": steps,
+                    "keep_after": keep_after, "calibration": 32, "heldout": 32, "buffer_shards": SHARDS},
+        "objective": {"mode": "pareto", "metric": "kl", "reports": 3},
+        "search": {"trials": trials, "sampler": "random", "seed": 0, "concurrency": 2, "warm_start": [],
+                   "max_failures": 1, "refine_top": 1, "refine_seeds": 1},
+        "resources": {"trial_cpu": 1, "worker_cpu": 1},
+    }  # fmt: skip
+
+
+class TracedScorer(FidelityScorer):
+    """The campaign's scorer, appending (trial, node, fraction) to the file ``trace`` at every report,
+    what the test watches; until the file ``release`` exists, a trial's intermediate report waits for
+    it: the trial is still running when the test removes its node (however fast its last reports)."""
+
+    trace = release = ""
+
+    def __call__(self, q, fraction: float = 1.0) -> dict:
+        try:
+            trial = ray.tune.get_context().get_trial_id()
+        except Exception:  # a rerun (a Ray task, no Tune context)
+            trial = None
+        line = {"trial": trial, "node": ray.get_runtime_context().get_node_id(), "fraction": fraction}
+        with open(self.trace, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        deadline = time.monotonic() + 600
+        while trial and fraction < 1 and not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return super().__call__(q, fraction)
+
+
+def reports(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"node_head": 1},
+                                                      "_system_config": FAST_HEALTH})  # fmt: skip
+    workers = [c.add_node(num_cpus=1, resources={f"node_w{i}": 1}) for i in range(3)]
+    c.wait_for_nodes()
+    init(c.address)  # the project's own join (it probes the address first)
+    yield c, workers
+    shutdown()
+    c.shutdown()
+
+
+def status(worker: str) -> dict:
+    try:
+        return ray.get(ray.get_actor(f"lossy-samples/worker/{worker}", namespace=NAMESPACE).status.remote(),
+                       timeout=10)  # fmt: skip
+    except (ValueError, ray.exceptions.RayError):  # not started yet, or restarting
+        return {}
+
+
+def shard_nodes() -> list[str]:
+    return [s["node"] for s in SampleBuffer.connect("lossy-samples").stats()["shards"]]
+
+
+def published(worker: str) -> int:
+    try:
+        return SampleBuffer.connect("lossy-samples").published().get(worker, {}).get("step", -1)
+    except Exception:  # the buffer is not started yet
+        return -1
+
+
+def remove(c: Cluster, workers: list, node: str) -> None:
+    """Lose ``node`` at once (its raylet and every process on it killed, no graceful shutdown)."""
+    c.remove_node(next(w for w in workers if w.node_id == node), allow_graceful=False)
+
+
+def held_steps(parts) -> dict[str, Counter]:
+    """{generator: Counter(step -> samples)} of ``parts``: (generator names, steps) pairs."""
+    out: dict[str, Counter] = {}
+    for names, steps in parts:
+        for name, step in zip(names, steps, strict=True):
+            out.setdefault(str(name), Counter())[int(step)] += 1
+    return out
+
+
+def held_by(buffer: SampleBuffer, stats: list[dict]) -> dict[str, Counter]:
+    """What every shard of ``buffer`` holds, all of it (a draw of as many as it holds has no repeats)."""
+    answers = ray.get([s.sample.remote(st["filled"]) for s, st in zip(buffer.shards, stats, strict=True)])
+    parts = ray.get([refs[0] for refs, _ in answers])
+    return held_steps((p["generator"], p["step"]) for p in parts)
+
+
+def run_lossy(c: Cluster, workers: list, tmp_path: Path, patience, *, trials: int, iters: int, steps: int,
+              keep_after: int) -> dict:  # fmt: skip
+    """Run the campaign 'lossy', removing the node of generator gdfq-0 once it has published and stepped
+    on, then the node of the first trial that reports on a worker node; returns what was seen."""
+    trace, uri = tmp_path / "trace.jsonl", f"file://{tmp_path}/bucket"
+    opts = CampaignOptions(space=parse_space(space(trials, iters, steps, keep_after)), storage=uri,
+                           name="lossy", address=c.address)  # fmt: skip
+    seen: dict = {"lines": [], "trace": trace, "uri": uri, "head": c.head_node.node_id, "times": {}}
+    start = time.monotonic()
+    campaign = threading.Thread(target=_campaign, args=(opts, seen), daemon=True)
+    campaign.start()
+    every = _configs(opts.space.samples)[0].publish_every
+    patience.wait_for("generator gdfq-0 to publish and step on",
+                      lambda: published("gdfq-0") >= every and status("gdfq-0").get("step", 0) > every + 2,
+                      180, alive=campaign.is_alive)  # fmt: skip
+    seen["every"] = every
+    seen["shards_before"] = shard_nodes()
+    seen["generators_before"] = {g: status(g)["node"] for g in GENERATORS}
+    seen["first"] = seen["generators_before"]["gdfq-0"]
+    remove(c, workers, seen["first"])
+    seen["times"]["first lost"] = time.monotonic() - start
+
+    def hit() -> dict | None:  # an intermediate report of a trial on a node still up
+        return next((r for r in reports(trace) if r["trial"] and r["fraction"] < 1
+                     and r["node"] != seen["first"]), None)  # fmt: skip
+
+    patience.wait_for("a trial's first report", lambda: hit() is not None, 240, alive=campaign.is_alive)
+    seen["hit"] = hit()
+    seen["shards_at_hit"] = shard_nodes()
+    remove(c, workers, seen["hit"]["node"])
+    seen["times"]["second lost"] = time.monotonic() - start
+    (tmp_path / "release").touch()  # the trials held at their first report go on
+    campaign.join(timeout=patience(400))
+    seen["times"]["campaign done"] = time.monotonic() - start
+    assert not campaign.is_alive(), "the campaign did not end after two nodes were lost"
+    assert "error" not in seen, f"the campaign failed: {seen['error']!r}\n" + "\n".join(seen["lines"])
+    return seen
+
+
+def _campaign(opts: CampaignOptions, seen: dict) -> None:
+    try:
+        seen["result"] = run_campaign(opts, seen["lines"].append, runner=RayRunner())
+    except BaseException as err:  # the test's thread reports it
+        seen["error"] = err
+
+
+def check_lossy(seen: dict, tmp_path: Path, *, trials: int, steps: int, keep_after: int) -> None:
+    first, hit, log = seen["first"], seen["hit"], "\n".join(seen["lines"])
+    lost = {first, hit["node"]}
+    # before any loss: a shard on every node, the generators on two worker nodes
+    assert len(set(seen["shards_before"])) == SHARDS, seen["shards_before"]
+    assert len(set(seen["generators_before"].values())) == 2
+    assert hit["node"] in seen["shards_at_hit"]  # the second node lost held a shard too
+
+    # the generator worker lost with its node restarted on a node still up, from its published step
+    gdfq = re.search(r"generator gdfq-0: (\d+) steps on node (\w+), restarted, resumed from step (\d+)", log)
+    assert gdfq, log
+    assert int(gdfq[1]) == steps and gdfq[2] != first and int(gdfq[3]) >= seen["every"]
+
+    # no sample lost or duplicated: the bank holds each kept step of each generator once, and so does the
+    # buffer, whose two lost shards were rebuilt from it on the nodes left
+    bank = SampleBank.open(f"{seen['uri']}/lossy/bank")
+    kept = {g: Counter({s: BATCH for s in range(keep_after, steps)}) for g in GENERATORS}
+    assert held_steps(([s.generator] * len(s), s.step.tolist()) for s in bank.iter_samples()) == kept
+    buffer = SampleBuffer.connect("lossy-samples")
+    stats = buffer.stats()["shards"]
+    assert held_by(buffer, stats) == kept
+    assert not {st["node"] for st in stats} & lost
+    gone = [i for i, (a, b) in enumerate(zip(seen["shards_before"], seen["shards_at_hit"], strict=True))
+            if a in lost or b in lost]  # fmt: skip
+    assert len(gone) >= 2 and all(stats[i]["rebuilt"] for i in gone), (gone, stats)
+    # the second loss came after the generation, when every shard held chunks of both generators
+    assert all(stats[i]["restored"] > 0 for i in gone if seen["shards_at_hit"][i] == hit["node"])
+
+    # every requested trial finished once, complete; the one whose node was lost after one retry elsewhere
+    run = tmp_path / "bucket" / "lossy"
+    rows = {r["trial"]: r for r in pq.read_table(run / "results.parquet").to_pylist()}
+    assert len(rows) == trials and {r["status"] for r in rows.values()} == {"complete"}, rows
+    assert {t: r["retries"] for t, r in rows.items()} == {t: int(t == hit["trial"]) for t in rows}
+    assert rows[hit["trial"]]["node"] not in lost
+    assert all(len(json.loads(r["reports"])) == 3 for r in rows.values())  # the retry's own reports only
+    for t in rows:
+        finals = [
+            x for x in (run / f"trial_{t}" / "result.json").read_text().splitlines() if '"fidelity": 3' in x
+        ]
+        assert len(finals) == 1, (t, finals)
+    trial_nodes = {r["node"] for r in reports(seen["trace"]) if r["trial"]}
+    assert len(trial_nodes) >= 2 and seen["head"] not in trial_nodes
+    refined = list((run / "refine").glob("*/model.pt"))
+    assert refined and "reruns with other reconstruction seeds" in log
+
+
+def test_a_campaign_loses_a_generating_node_and_a_trial_node_and_completes(
+    cluster, tmp_path, patience, monkeypatch
+):
+    traced = type("Traced", (TracedScorer,), {"trace": str(tmp_path / "trace.jsonl"),
+                                              "release": str(tmp_path / "release")})  # fmt: skip
+    monkeypatch.setattr(campaign_module, "FidelityScorer", traced)
+    c, workers = cluster
+    shape = {"trials": 4, "steps": 32, "keep_after": 4}
+    seen = run_lossy(c, workers, tmp_path, patience, iters=20, **shape)
+    print(seen["times"])
+    check_lossy(seen, tmp_path, **shape)
