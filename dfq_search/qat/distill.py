@@ -1,15 +1,16 @@
 """Data-free end-to-end distillation of Q to P on a pool of synthetic images (after PTQ).
 
 Block reconstruction (BRECQ/ModCap) matches each unit's output on its calibration images; this stage
-then matches the whole network's logits, which the units never saw together. Each step draws a batch
-from the image pool, augments it (random flip, a random shift by up to ``shift`` pixels with reflected
-borders, MixUp between images of the batch), optionally moves a fraction of the batch to where Q and P
-disagree most (``adv_steps`` signed-gradient ascent steps on KL(P ‖ Q) within an L∞ ball of
-``adv_eps`` per-channel standard deviations of the pool, as in ZAQ's discrepancy maximisation, but on
-the images rather than a generator), and minimises KL(P(x) ‖ Q(x)) at ``temperature`` on it:
-P labels every augmented image itself, so the augmentations make new inputs without any label. Q's
-trainable parameters (all weights and activation step sizes, or only the step sizes) move with Adam
-under a cosine schedule. P and Q stay in eval mode (BatchNorm statistics are not updated).
+then matches the whole network's logits, which the units never saw together. The pool may first be
+low-pass filtered (``lowpass``, as SynQ does against the high frequencies of synthetic images). Each
+step draws a batch from the pool and augments it: a random flip, a random shift by up to ``shift``
+pixels with reflected borders, MixUp between images of the batch, and, for a share of the batch,
+``adv_steps`` signed-gradient ascent steps on KL(P ‖ Q) within an L∞ ball of ``adv_eps`` per-channel
+standard deviations of the pool (ZAQ's discrepancy maximisation, on the images rather than a
+generator). It then minimises T²·KL(P(x) ‖ Q(x)) at ``temperature``: P labels every augmented image
+itself, so the augmentations make new inputs without any label. Q's trainable parameters (all weights
+and activation step sizes, or only the step sizes) move with Adam under a cosine schedule. P and Q
+stay in eval mode (BatchNorm statistics are not updated).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DistillConfig:
     shift: int = 2  # pixels; 0: no shift
     mixup: float = 0.0  # Beta(α, α) mixing of images within a batch; 0: none
     trainable: str = "all"  # all: weights and activation step sizes; steps: step sizes only
+    lowpass: float = 0.0  # SynQ: Gaussian low-pass of the pool, cutoff σ as a fraction of the image size
     adv_steps: int = 0  # ascent steps on KL(P ‖ Q) per batch; 0: no adversarial images
     adv_eps: float = 0.1  # L∞ radius, in per-channel standard deviations of the pool
     adv_fraction: float = 0.5  # share of each batch made adversarial
@@ -51,7 +53,8 @@ class DistillConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise DfqError(f"distill {name}", v, f"an int >= {least}", f"set {name} to one")
         bounds = {"lr": (0, math.inf), "weight_lr_scale": (0, math.inf), "temperature": (1e-6, math.inf),
-                  "mixup": (0, math.inf), "adv_eps": (0, 10), "adv_fraction": (0, 1)}  # fmt: skip
+                  "mixup": (0, math.inf), "adv_eps": (0, 10), "adv_fraction": (0, 1),
+                  "lowpass": (0, 1)}  # fmt: skip
         for name, (lo, hi) in bounds.items():
             v = getattr(self, name)
             if (
@@ -86,6 +89,18 @@ def kl_to_p(z_p: Tensor, z_q: Tensor, t: float) -> Tensor:
     """T² · KL(softmax(z_p/T) ‖ softmax(z_q/T)), batch mean."""
     log_p, log_q = F.log_softmax(z_p / t, 1), F.log_softmax(z_q / t, 1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * t * t
+
+
+def lowpass(x: Tensor, cutoff: float) -> Tensor:
+    """SynQ's low-pass filter: each image's spectrum times exp(−d² / 2σ²), d the distance from the zero
+    frequency in cycles per pixel and σ = ``cutoff`` (0: no filter); the mean (d = 0) is kept."""
+    if cutoff <= 0:
+        return x
+    h, w = x.shape[-2:]
+    fy, fx = torch.fft.fftfreq(h, device=x.device), torch.fft.fftfreq(w, device=x.device)
+    d2 = fy.view(-1, 1) ** 2 + fx.view(1, -1) ** 2
+    gain = torch.exp(-d2 / (2 * cutoff**2))
+    return torch.fft.ifft2(torch.fft.fft2(x) * gain).real
 
 
 def adversarial(p: nn.Module, q: nn.Module, x: Tensor, cfg: DistillConfig, radius: Tensor) -> Tensor:
@@ -133,6 +148,7 @@ def distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # MixUp's Beta draws
+    images = lowpass(images, cfg.lowpass)
     radius = cfg.adv_eps * images.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.steps):

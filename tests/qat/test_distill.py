@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 from dfq_search.errors import DfqError
 from dfq_search.qat import start_q
-from dfq_search.qat.distill import DistillConfig, adversarial, augment, distill, kl_to_p
+from dfq_search.qat.distill import DistillConfig, adversarial, augment, distill, kl_to_p, lowpass
 from dfq_search.quant import BitPlan
 
 
@@ -101,6 +102,19 @@ def test_adversarial_images_raise_the_disagreement_within_the_radius(tiny_p) -> 
     assert all(t.grad is None for t in (*p.parameters(), *q.parameters()))
 
 
+def test_lowpass_keeps_the_mean_and_damps_only_high_frequencies() -> None:
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    smooth = torch.cos(2 * torch.pi * xx / 16)  # 1/16 cycle per pixel
+    checker = (-1.0) ** (xx + yy)  # the Nyquist frequency
+    x = torch.stack([smooth, checker, torch.full_like(xx, 3.0)]).unsqueeze(1)
+    y = lowpass(x, 0.1)
+    # a pure frequency f keeps exp(-f² / 2σ²) of its amplitude: 0.82 at 1/16 cycle per pixel, σ 0.1
+    assert float(y[0].std() / x[0].std()) == pytest.approx(math.exp(-((1 / 16) ** 2) / 0.02), rel=1e-3)
+    assert float(y[1].abs().max()) < 1e-3
+    assert torch.allclose(y[2], x[2], atol=1e-5)
+    assert torch.equal(lowpass(x, 0.0), x)
+
+
 def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
     p, shape = tiny_p
     x = _images(8, shape)
@@ -109,7 +123,7 @@ def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"temperature": 0.0}, {"shift": -1},
                                  {"trainable": "bn"}, {"mixup": float("nan")}, {"adv_steps": -1},
-                                 {"adv_fraction": 1.5}, {"adv_eps": float("inf")},
+                                 {"adv_fraction": 1.5}, {"adv_eps": float("inf")}, {"lowpass": -0.1},
                                  {"adv_steps": True}])  # fmt: skip
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(DfqError):
