@@ -21,15 +21,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from dfq_search.bank import SampleBank  # noqa: E402
+from dfq_search.bank import BankHeader, SampleBank, Samples  # noqa: E402
+from dfq_search.bank.shard import ShardEntry  # noqa: E402
 from dfq_search.distributed import SampleBuffer, init, shutdown  # noqa: E402
+from dfq_search.distributed.buffer import owned  # noqa: E402
 from dfq_search.distributed.campaign import _configs  # noqa: E402
-from dfq_search.distributed.runner import RayRunner  # noqa: E402
+from dfq_search.distributed.runner import RayRunner, surviving  # noqa: E402
 from dfq_search.distributed.session import NAMESPACE  # noqa: E402
 from dfq_search.search import campaign as campaign_module  # noqa: E402
 from dfq_search.search.campaign import CampaignOptions, run_campaign  # noqa: E402
@@ -230,14 +233,65 @@ def check_lossy(seen: dict, tmp_path: Path, *, trials: int, steps: int, keep_aft
     assert refined and "reruns with other reconstruction seeds" in log
 
 
-def test_a_campaign_loses_a_generating_node_and_a_trial_node_and_completes(
-    cluster, tmp_path, patience, monkeypatch
-):
+def lossy_campaign(cluster, tmp_path: Path, patience, monkeypatch, iters: int, **shape) -> None:
     traced = type("Traced", (TracedScorer,), {"trace": str(tmp_path / "trace.jsonl"),
                                               "release": str(tmp_path / "release")})  # fmt: skip
     monkeypatch.setattr(campaign_module, "FidelityScorer", traced)
-    c, workers = cluster
-    shape = {"trials": 4, "steps": 32, "keep_after": 4}
-    seen = run_lossy(c, workers, tmp_path, patience, iters=20, **shape)
+    monkeypatch.setenv("DFQ_SEARCH_CACHE", str(tmp_path / "cache"))  # the URI campaign's local mirror
+    seen = run_lossy(*cluster, tmp_path, patience, iters=iters, **shape)
     print(seen["times"])
     check_lossy(seen, tmp_path, **shape)
+
+
+def test_a_campaign_loses_a_generating_node_and_a_trial_node_and_completes(
+    cluster, tmp_path, patience, monkeypatch
+):
+    lossy_campaign(cluster, tmp_path, patience, monkeypatch, iters=20, trials=4, steps=32, keep_after=4)
+
+
+@pytest.mark.slow
+def test_a_longer_campaign_loses_two_nodes_and_completes(cluster, tmp_path, patience, monkeypatch):
+    lossy_campaign(cluster, tmp_path, patience, monkeypatch, iters=100, trials=8, steps=120, keep_after=20)
+
+
+def test_a_rebuilt_shard_owns_what_it_wrote_and_its_share_of_the_rest():
+    def entry(writer: str, first: int) -> ShardEntry:
+        return ShardEntry(f"shards/{writer}-{first}", 8, 1, "", "g", "", first, first + 1, writer)
+
+    older = [entry("", 0), entry("old/0", 2), entry("", 4)]  # another run's, and the CLI's
+    mine = [entry("run/1", 6), entry("run/0", 8), entry("run/1", 10)]
+    entries = [older[0], mine[0], older[1], mine[1], older[2], mine[2]]  # in commit order
+    held = [owned(entries, f"run/{i}", 2) for i in range(2)]
+    assert held[0] == [older[0], mine[1], older[2]] and held[1] == [mine[0], older[1], mine[2]]
+    assert sorted(held[0] + held[1], key=entries.index) == entries  # a partition: each entry once
+    assert owned(entries, "run/1", 2) == held[1]  # the same after a restart: what a rebuild reloads
+
+
+def test_a_retried_trials_reports_are_those_of_its_last_attempt():
+    assert surviving([1, 2, 3], [0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]
+    assert surviving([1, 1, 2, 3], [0.5, 0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]  # started again
+    assert surviving([1, 2, 2, 3], [0.1, 0.9, 0.2, 0.3]) == [0.1, 0.2, 0.3]  # from its checkpoint at 1
+
+
+def test_a_killed_shard_reloads_what_it_wrote_through_and_drops_a_chunk_it_holds(tmp_path, patience):
+    init(num_cpus=1, namespace="dfq_search_multinode_unit")
+    try:
+        header = BankHeader("f" * 16, (1, 4, 4), 10)
+        SampleBank.create(str(tmp_path / "bank"), header)
+        buffer = SampleBuffer.start("wt", 64, (1, 4, 4), 10, shards=2, namespace="dfq_search_multinode_unit",
+                                    bank=(str(tmp_path / "bank"), header.fingerprint))  # fmt: skip
+
+        def chunk(first: int) -> Samples:
+            steps = torch.arange(first, first + 4).repeat_interleave(2)
+            return Samples(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long), steps, None, "g")
+
+        ray.get([buffer.shards[i % 2].add.remote(chunk(4 * i)) for i in range(4)])
+        assert SampleBank.open(str(tmp_path / "bank")).info()["samples"] == 32  # written through
+        ray.kill(buffer.shards[1], no_restart=False)
+        again = ray.get(buffer.shards[1].add.remote(chunk(4)), timeout=patience(60))  # a retried add
+        stats = buffer.stats()["shards"]
+        assert stats[1]["rebuilt"] and stats[1]["restored"] == 16 and again["filled"] == 16
+        assert SampleBank.open(str(tmp_path / "bank")).info()["samples"] == 32  # not written twice
+        assert held_by(buffer, stats) == {"g": Counter({step: 2 for step in range(16)})}  # each once
+    finally:
+        shutdown()
