@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfq_search.errors import DfqError
+from dfq_search.ptq.units import find_units
 from dfq_search.quant.quantize import set_observing_
 
 TRAINABLE = ("all", "steps")
@@ -41,6 +42,7 @@ class DistillConfig:
     shift: int = 2  # pixels; 0: no shift
     mixup: float = 0.0  # Beta(α, α) mixing of images within a batch; 0: none
     trainable: str = "all"  # all: weights and activation step sizes; steps: step sizes only
+    feature_weight: float = 0.0  # + this × mean relative error of the units' outputs (Q vs P)
     lowpass: float = 0.0  # SynQ: Gaussian low-pass of the pool, cutoff σ as a fraction of the image size
     adv_steps: int = 0  # ascent steps on KL(P ‖ Q) per batch; 0: no adversarial images
     adv_eps: float = 0.1  # L∞ radius, in per-channel standard deviations of the pool
@@ -54,7 +56,7 @@ class DistillConfig:
                 raise DfqError(f"distill {name}", v, f"an int >= {least}", f"set {name} to one")
         bounds = {"lr": (0, math.inf), "weight_lr_scale": (0, math.inf), "temperature": (1e-6, math.inf),
                   "mixup": (0, math.inf), "adv_eps": (0, 10), "adv_fraction": (0, 1),
-                  "lowpass": (0, 1)}  # fmt: skip
+                  "lowpass": (0, 1), "feature_weight": (0, math.inf)}  # fmt: skip
         for name, (lo, hi) in bounds.items():
             v = getattr(self, name)
             if (
@@ -118,6 +120,36 @@ def adversarial(p: nn.Module, q: nn.Module, x: Tensor, cfg: DistillConfig, radiu
     return torch.cat([xa, x[k:]])
 
 
+class Features:
+    """The outputs of the reconstruction units' last modules in P and in Q, kept by forward hooks while
+    ``recording``, and their mean relative squared error ‖Q_u − P_u‖² / ‖P_u‖² (the units' own
+    objective, here end to end: Q runs its own prefix)."""
+
+    def __init__(self, p: nn.Module, q: nn.Module, example: Tensor) -> None:
+        paths = [u.modules[-1] for u in find_units(p, example)]
+        self.recording = False
+        self.got: dict[str, list[Tensor]] = {"p": [], "q": []}
+        self.handles = [m.get_submodule(path).register_forward_hook(self._keep(side))
+                        for side, m in (("p", p), ("q", q)) for path in paths]  # fmt: skip
+
+    def _keep(self, side: str):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if self.recording:
+                self.got[side].append(out)
+
+        return hook
+
+    def loss(self) -> Tensor:
+        pairs = zip(self.got["p"], self.got["q"], strict=True)
+        errs = [(zq - zp).pow(2).sum() / zp.pow(2).sum().clamp_min(1e-12) for zp, zq in pairs]
+        self.got = {"p": [], "q": []}
+        return torch.stack(errs).mean()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _param_groups(q: nn.Module, cfg: DistillConfig) -> list[dict]:
     steps, weights = [], []
     for name, p in q.named_parameters():
@@ -150,20 +182,37 @@ def distill(
     torch.manual_seed(cfg.seed)  # MixUp's Beta draws
     images = lowpass(images, cfg.lowpass)
     radius = cfg.adv_eps * images.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    feats = Features(p, q, images[:1]) if cfg.feature_weight > 0 else None
     losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x = adversarial(p, q, augment(images[idx.to(images.device)], cfg, gen), cfg, radius)
-        with torch.no_grad():
-            z_p = p(x)
-        loss = kl_to_p(z_p, q(x), cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if monitor is not None and every and (step + 1) % every == 0:
-            monitor(step + 1, q)
+    try:
+        for step in range(cfg.steps):
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+            x = adversarial(p, q, augment(images[idx.to(images.device)], cfg, gen), cfg, radius)
+            loss = _loss(p, q, x, cfg, feats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if monitor is not None and every and (step + 1) % every == 0:
+                monitor(step + 1, q)
+    finally:
+        if feats is not None:
+            feats.remove()
     tenth = max(1, len(losses) // 10)
     return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
             "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def _loss(p: nn.Module, q: nn.Module, x: Tensor, cfg: DistillConfig, feats: Features | None) -> Tensor:
+    """KL(P ‖ Q) at the temperature on ``x``, plus the weighted feature error when ``feats``."""
+    if feats is not None:
+        feats.recording = True
+    try:
+        with torch.no_grad():
+            z_p = p(x)
+        loss = kl_to_p(z_p, q(x), cfg.temperature)
+    finally:
+        if feats is not None:
+            feats.recording = False
+    return loss if feats is None else loss + cfg.feature_weight * feats.loss()

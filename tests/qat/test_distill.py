@@ -10,7 +10,15 @@ import torch
 
 from dfq_search.errors import DfqError
 from dfq_search.qat import start_q
-from dfq_search.qat.distill import DistillConfig, adversarial, augment, distill, kl_to_p, lowpass
+from dfq_search.qat.distill import (
+    DistillConfig,
+    Features,
+    adversarial,
+    augment,
+    distill,
+    kl_to_p,
+    lowpass,
+)
 from dfq_search.quant import BitPlan
 
 
@@ -115,6 +123,38 @@ def test_lowpass_keeps_the_mean_and_damps_only_high_frequencies() -> None:
     assert torch.equal(lowpass(x, 0.0), x)
 
 
+def _feature_error(p, q, x) -> float:
+    feats = Features(p, q, x[:1])
+    feats.recording = True
+    with torch.no_grad():
+        p(x), q(x)
+    try:
+        return float(feats.loss())
+    finally:
+        feats.remove()
+
+
+def test_feature_error_is_zero_for_p_itself_and_positive_for_q(tiny_p) -> None:
+    p, shape = tiny_p
+    x = _images(16, shape)
+    assert _feature_error(p, copy.deepcopy(p), x) == pytest.approx(0.0, abs=1e-9)
+    assert _feature_error(p, _q(p, shape), x) > 1e-3
+
+
+def test_feature_matching_lowers_the_units_error_on_unseen_images_and_removes_its_hooks(tiny_p) -> None:
+    p, shape = tiny_p
+    pool, fresh = _images(128, shape, 0), _images(64, shape, 1)
+    after = {}
+    for weight in (0.0, 100.0):
+        q = _q(p, shape)
+        before = _feature_error(p, q, fresh)
+        distill(p, q, pool, DistillConfig(steps=80, batch_size=32, lr=3e-3, feature_weight=weight))
+        after[weight] = _feature_error(p, q, fresh)
+    assert after[100.0] < 0.85 * before
+    assert after[100.0] < after[0.0]  # the logits alone do not do it
+    assert not any(m._forward_hooks for m in (*p.modules(), *q.modules()))
+
+
 def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
     p, shape = tiny_p
     x = _images(8, shape)
@@ -124,7 +164,7 @@ def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"temperature": 0.0}, {"shift": -1},
                                  {"trainable": "bn"}, {"mixup": float("nan")}, {"adv_steps": -1},
                                  {"adv_fraction": 1.5}, {"adv_eps": float("inf")}, {"lowpass": -0.1},
-                                 {"adv_steps": True}])  # fmt: skip
+                                 {"feature_weight": -1.0}, {"adv_steps": True}])  # fmt: skip
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(DfqError):
         DistillConfig(**bad)
