@@ -24,7 +24,8 @@ Rows:
     distill      end-to-end distillation of the PTQ start to P (``dfq_search.qat.distill``: KL on
                  flipped, shifted synthetic images, Adam, cosine) on ``--distill-pool`` direct-synthesis
                  images (the PTQ start's calibration images are the first ``--ptq-images`` of them),
-                 ``--distill-set key=value`` for any DistillConfig setting
+                 ``--distill-set key=value`` for any DistillConfig setting; with ``--heldout`` images,
+                 Q ends in its most faithful state on them (checked every ``check_every`` steps)
     real         the same Q steps (KD + CE) on real train-5k images from the same start (RTN when the
                  games' start is ``track``): the upper reference
 
@@ -202,9 +203,11 @@ def run_distill(bundle, q, args, seed: int, starts: Starts, fidelity: Fidelity |
     pool = starts.synthetic(seed)[0][: args.distill_pool]
     every = args.monitor_every if fidelity is not None else 0
     monitor = (lambda step, q: print(f"  step {step}: {fmt(fidelity(q))}", flush=True)) if every else None
-    info = distill(bundle.model, q, pool, cfg, monitor, every)
+    heldout = starts.synthetic(seed)[1] if args.heldout else None  # Q ends in its most faithful state
+    info = distill(bundle.model, q, pool, cfg, monitor, every, heldout=heldout)
+    print(f"  distill: {fmt(info)}", flush=True)
     return {"seconds": info["seconds"], "samples_per_s": None, "g_step_s": None,
-            "q_step_s": info["seconds"] / cfg.steps}  # fmt: skip
+            "q_step_s": info["seconds"] / cfg.steps, "kept_step": info.get("kept_step")}  # fmt: skip
 
 
 def run_real(bundle, q, args, seed: int, device) -> dict:

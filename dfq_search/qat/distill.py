@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfq_search.errors import DfqError
+from dfq_search.fidelity import fidelity, logits
+from dfq_search.ptq.guard import METRIC
 from dfq_search.ptq.units import find_units
 from dfq_search.quant.quantize import set_observing_
 
@@ -47,11 +49,12 @@ class DistillConfig:
     adv_steps: int = 0  # ascent steps on KL(P ‖ Q) per batch; 0: no adversarial images
     adv_eps: float = 0.1  # L∞ radius, in per-channel standard deviations of the pool
     adv_fraction: float = 0.5  # share of each batch made adversarial
+    check_every: int = 100  # steps between held-out checks (with held-out images; 0: at the end only)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "shift", "adv_steps"):
-            v, least = getattr(self, name), 0 if name in ("shift", "adv_steps") else 1
+        for name in ("steps", "batch_size", "shift", "adv_steps", "check_every"):
+            v, least = getattr(self, name), 1 if name in ("steps", "batch_size") else 0
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise DfqError(f"distill {name}", v, f"an int >= {least}", f"set {name} to one")
         bounds = {"lr": (0, math.inf), "weight_lr_scale": (0, math.inf), "temperature": (1e-6, math.inf),
@@ -150,6 +153,23 @@ class Features:
             h.remove()
 
 
+class Best:
+    """The state of Q most faithful to P on held-out images (the guard's metric, the logits' MSE to P;
+    lower is better), among the states offered; ties keep the earlier one (the start first)."""
+
+    def __init__(self, p: nn.Module, images: Tensor) -> None:
+        self.images, self.ref = images, logits(p, images)
+        self.step, self.score, self.state, self.start = -1, math.inf, None, math.inf
+
+    def offer(self, step: int, q: nn.Module) -> None:
+        score = fidelity(logits(q, self.images), self.ref)[METRIC]
+        if step == 0:
+            self.start = score
+        if score < self.score:
+            self.step, self.score = step, score
+            self.state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
 def _param_groups(q: nn.Module, cfg: DistillConfig) -> list[dict]:
     steps, weights = [], []
     for name, p in q.named_parameters():
@@ -164,11 +184,14 @@ def _param_groups(q: nn.Module, cfg: DistillConfig) -> list[dict]:
 
 def distill(
     p: nn.Module, q: nn.Module, images: Tensor, cfg: DistillConfig,
-    monitor: Callable[[int, nn.Module], None] | None = None, every: int = 0,
+    monitor: Callable[[int, nn.Module], None] | None = None, every: int = 0, heldout: Tensor | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Distil ``q`` to ``p`` in place on ``images`` (already normalised, P's input); returns the mean
     loss of the first and last tenth of the steps and the seconds. ``monitor(step, q)`` is called every
-    ``every`` steps (e.g. a label-free fidelity)."""
+    ``every`` steps (e.g. a label-free fidelity). With ``heldout`` images (synthetic, never in
+    ``images``), Q is scored on them at the start, every ``check_every`` steps and at the end, and the
+    most faithful of those states is the one Q ends in (the start included: distillation that only
+    loses fidelity leaves Q as it was); the result then says which step was kept and both scores."""
     p.eval(), q.eval()
     set_observing_(q, False)
     groups = _param_groups(q, cfg)
@@ -183,6 +206,9 @@ def distill(
     images = lowpass(images, cfg.lowpass)
     radius = cfg.adv_eps * images.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     feats = Features(p, q, images[:1]) if cfg.feature_weight > 0 else None
+    best = Best(p, heldout) if heldout is not None else None
+    if best is not None:
+        best.offer(0, q)
     losses, t0 = [], time.perf_counter()
     try:
         for step in range(cfg.steps):
@@ -196,12 +222,23 @@ def distill(
             losses.append(float(loss.detach()))
             if monitor is not None and every and (step + 1) % every == 0:
                 monitor(step + 1, q)
+            last = step + 1 == cfg.steps
+            if best is not None and (last or (cfg.check_every and (step + 1) % cfg.check_every == 0)):
+                best.offer(step + 1, q)
     finally:
         if feats is not None:
             feats.remove()
     tenth = max(1, len(losses) // 10)
-    return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
+    info = {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
             "seconds": time.perf_counter() - t0}  # fmt: skip
+    if best is not None:
+        q.load_state_dict(best.state)
+        info |= {
+            "kept_step": best.step,
+            f"heldout_{METRIC}_start": best.start,
+            f"heldout_{METRIC}": best.score,
+        }
+    return info
 
 
 def _loss(p: nn.Module, q: nn.Module, x: Tensor, cfg: DistillConfig, feats: Features | None) -> Tensor:

@@ -155,6 +155,22 @@ def test_feature_matching_lowers_the_units_error_on_unseen_images_and_removes_it
     assert not any(m._forward_hooks for m in (*p.modules(), *q.modules()))
 
 
+def test_heldout_keeps_the_most_faithful_state_and_the_start_when_distilling_only_hurts(tiny_p) -> None:
+    p, shape = tiny_p
+    pool, heldout = _images(128, shape, 0), _images(64, shape, 1)
+    q = _q(p, shape)
+    good = distill(
+        p, q, pool, DistillConfig(steps=60, batch_size=32, lr=1e-3, check_every=20), heldout=heldout
+    )
+    assert good["kept_step"] in (20, 40, 60)
+    assert good["heldout_mse"] < good["heldout_mse_start"]
+    start = copy.deepcopy(q.state_dict())
+    # a learning rate that wrecks Q: every check is worse than the start, which is what Q ends in
+    bad = distill(p, q, pool, DistillConfig(steps=10, batch_size=32, lr=1.0, check_every=5), heldout=heldout)
+    assert bad["kept_step"] == 0 and bad["heldout_mse"] == bad["heldout_mse_start"]
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in start.items())
+
+
 def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
     p, shape = tiny_p
     x = _images(8, shape)
@@ -164,7 +180,8 @@ def test_no_adversarial_steps_returns_the_batch_itself(tiny_p) -> None:
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"temperature": 0.0}, {"shift": -1},
                                  {"trainable": "bn"}, {"mixup": float("nan")}, {"adv_steps": -1},
                                  {"adv_fraction": 1.5}, {"adv_eps": float("inf")}, {"lowpass": -0.1},
-                                 {"feature_weight": -1.0}, {"adv_steps": True}])  # fmt: skip
+                                 {"feature_weight": -1.0}, {"adv_steps": True},
+                                 {"check_every": -1}])  # fmt: skip
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(DfqError):
         DistillConfig(**bad)
