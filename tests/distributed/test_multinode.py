@@ -1,11 +1,11 @@
 """A campaign on a Ray cluster of several nodes on one machine (``ray.cluster_utils.Cluster``: a head and
-three worker nodes, each its own raylet with one CPU and a custom resource naming it), its storage at
-a ``file://`` URI standing in for a bucket, losing a worker node while its generators run and another
-while its trials run.
+worker nodes, each its own raylet with one CPU and a custom resource naming it), its storage at a
+``file://`` URI standing in for a bucket, losing the node of a running trial (the default run), or
+first the node of a generator worker while the generators run and then that of a trial (slow).
 
 What runs where: the driver on the head (no CPU: no trial or generator runs there); the two generator
-workers on two worker nodes (one CPU each), the third free for a restart; the four buffer shards one per
-node; two trials at a time on the worker nodes left.
+workers on two worker nodes (one CPU each; a third worker node, when there is one, free for a restart);
+the buffer shards one per node; two trials at a time on the worker nodes left.
 """
 
 from __future__ import annotations
@@ -45,18 +45,17 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers canno
 FAST_HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
                "health_check_failure_threshold": 4}  # fmt: skip
 BATCH = 32  # the gdfq and lrq presets' generator batch
-SHARDS = 4  # one per node
 GENERATORS = ("gdfq-0", "lrq-1")
 
 
-def space(trials: int, iters: int, steps: int, keep_after: int) -> dict:
+def space(trials: int, iters: int, steps: int, keep_after: int, shards: int) -> dict:
     return {
         "model": {"name": "tiny_resnet"},
         "bits": {"weight": {"_default": [2, 4], "_first_last": [8]},
                  "activation": {"_default": [4, 8], "_first_last": [8]}},
         "method": {"kind": "ptq", "ptq": {"recon.iters": iters, "recon.batch_size": 16}},
         "samples": {"source": "generator", "generators": ["gdfq", "lrq"], "generator_steps": steps,
-                    "keep_after": keep_after, "calibration": 32, "heldout": 32, "buffer_shards": SHARDS},
+                    "keep_after": keep_after, "calibration": 32, "heldout": 32, "buffer_shards": shards},
         "objective": {"mode": "pareto", "metric": "kl", "reports": 3},
         "search": {"trials": trials, "sampler": "random", "seed": 0, "concurrency": 2, "warm_start": [],
                    "max_failures": 1, "refine_top": 1, "refine_seeds": 1},
@@ -90,10 +89,11 @@ def reports(path: Path) -> list[dict]:
 
 
 @pytest.fixture
-def cluster():
+def cluster(request):
+    """A head of no CPU and ``request.param`` worker nodes of one CPU each."""
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"node_head": 1},
                                                       "_system_config": FAST_HEALTH})  # fmt: skip
-    workers = [c.add_node(num_cpus=1, resources={f"node_w{i}": 1}) for i in range(3)]
+    workers = [c.add_node(num_cpus=1, resources={f"node_w{i}": 1}) for i in range(request.param)]
     c.wait_for_nodes()
     init(c.address)  # the project's own join (it probes the address first)
     yield c, workers
@@ -141,27 +141,31 @@ def held_by(buffer: SampleBuffer, stats: list[dict]) -> dict[str, Counter]:
     return held_steps((p["generator"], p["step"]) for p in parts)
 
 
-def run_lossy(c: Cluster, workers: list, tmp_path: Path, patience, *, trials: int, iters: int, steps: int,
-              keep_after: int) -> dict:  # fmt: skip
-    """Run the campaign 'lossy', removing the node of generator gdfq-0 once it has published and stepped
-    on, then the node of the first trial that reports on a worker node; returns what was seen."""
+def run_lossy(c: Cluster, workers: list, tmp_path: Path, patience, *, generating_loss: bool, trials: int,
+              iters: int, steps: int, keep_after: int) -> dict:  # fmt: skip
+    """Run the campaign 'lossy' with a buffer shard per node; with ``generating_loss``, remove the node of
+    generator gdfq-0 once it has published and stepped on; then the node of the first trial that reports
+    on a worker node. Returns what was seen."""
     trace, uri = tmp_path / "trace.jsonl", f"file://{tmp_path}/bucket"
-    opts = CampaignOptions(space=parse_space(space(trials, iters, steps, keep_after)), storage=uri,
-                           name="lossy", address=c.address)  # fmt: skip
-    seen: dict = {"lines": [], "trace": trace, "uri": uri, "head": c.head_node.node_id, "times": {}}
+    shape = space(trials, iters, steps, keep_after, shards=len(workers) + 1)
+    opts = CampaignOptions(space=parse_space(shape), storage=uri, name="lossy", address=c.address)
+    seen: dict = {"lines": [], "trace": trace, "uri": uri, "head": c.head_node.node_id, "times": {},
+                  "shards": len(workers) + 1, "first": None}  # fmt: skip
     start = time.monotonic()
     campaign = threading.Thread(target=_campaign, args=(opts, seen), daemon=True)
     campaign.start()
-    every = _configs(opts.space.samples)[0].publish_every
-    patience.wait_for("generator gdfq-0 to publish and step on",
-                      lambda: published("gdfq-0") >= every and status("gdfq-0").get("step", 0) > every + 2,
-                      180, alive=campaign.is_alive)  # fmt: skip
-    seen["every"] = every
+    every = seen["every"] = _configs(opts.space.samples)[0].publish_every
+    far = every + 2 if generating_loss else 0  # before a loss: one that restarts from a published state
+    patience.wait_for("the generators to publish and step on",
+                      lambda: published("gdfq-0") >= (every if far else -1)
+                      and all(status(g).get("step", 0) > far for g in GENERATORS), 180,
+                      alive=campaign.is_alive)  # fmt: skip
     seen["shards_before"] = shard_nodes()
     seen["generators_before"] = {g: status(g)["node"] for g in GENERATORS}
-    seen["first"] = seen["generators_before"]["gdfq-0"]
-    remove(c, workers, seen["first"])
-    seen["times"]["first lost"] = time.monotonic() - start
+    if generating_loss:
+        seen["first"] = seen["generators_before"]["gdfq-0"]
+        remove(c, workers, seen["first"])
+        seen["times"]["first lost"] = time.monotonic() - start
 
     def hit() -> dict | None:  # an intermediate report of a trial on a node still up
         return next((r for r in reports(trace) if r["trial"] and r["fraction"] < 1
@@ -171,11 +175,11 @@ def run_lossy(c: Cluster, workers: list, tmp_path: Path, patience, *, trials: in
     seen["hit"] = hit()
     seen["shards_at_hit"] = shard_nodes()
     remove(c, workers, seen["hit"]["node"])
-    seen["times"]["second lost"] = time.monotonic() - start
+    seen["times"]["trial node lost"] = time.monotonic() - start
     (tmp_path / "release").touch()  # the trials held at their first report go on
     campaign.join(timeout=patience(400))
     seen["times"]["campaign done"] = time.monotonic() - start
-    assert not campaign.is_alive(), "the campaign did not end after two nodes were lost"
+    assert not campaign.is_alive(), "the campaign did not end after its nodes were lost"
     assert "error" not in seen, f"the campaign failed: {seen['error']!r}\n" + "\n".join(seen["lines"])
     return seen
 
@@ -189,19 +193,24 @@ def _campaign(opts: CampaignOptions, seen: dict) -> None:
 
 def check_lossy(seen: dict, tmp_path: Path, *, trials: int, steps: int, keep_after: int) -> None:
     first, hit, log = seen["first"], seen["hit"], "\n".join(seen["lines"])
-    lost = {first, hit["node"]}
+    lost = {hit["node"]} | ({first} if first else set())
     # before any loss: a shard on every node, the generators on two worker nodes
-    assert len(set(seen["shards_before"])) == SHARDS, seen["shards_before"]
-    assert len(set(seen["generators_before"].values())) == 2
-    assert hit["node"] in seen["shards_at_hit"]  # the second node lost held a shard too
+    assert len(set(seen["shards_before"])) == seen["shards"], seen["shards_before"]
+    assert (
+        len(set(seen["generators_before"].values())) == 2
+        and seen["head"] not in seen["generators_before"].values()
+    )
+    assert hit["node"] in seen["shards_at_hit"]  # the trial's node held a shard too
 
-    # the generator worker lost with its node restarted on a node still up, from its published step
-    gdfq = re.search(r"generator gdfq-0: (\d+) steps on node (\w+), restarted, resumed from step (\d+)", log)
-    assert gdfq, log
-    assert int(gdfq[1]) == steps and gdfq[2] != first and int(gdfq[3]) >= seen["every"]
+    if first:  # the generator worker lost with its node restarted on a node still up, from its published step
+        gdfq = re.search(
+            r"generator gdfq-0: (\d+) steps on node (\w+), restarted, resumed from step (\d+)", log
+        )
+        assert gdfq, log
+        assert int(gdfq[1]) == steps and gdfq[2] != first and int(gdfq[3]) >= seen["every"]
 
     # no sample lost or duplicated: the bank holds each kept step of each generator once, and so does the
-    # buffer, whose two lost shards were rebuilt from it on the nodes left
+    # buffer, whose lost shards were rebuilt from it on the nodes left
     bank = SampleBank.open(f"{seen['uri']}/lossy/bank")
     kept = {g: Counter({s: BATCH for s in range(keep_after, steps)}) for g in GENERATORS}
     assert held_steps(([s.generator] * len(s), s.step.tolist()) for s in bank.iter_samples()) == kept
@@ -211,8 +220,8 @@ def check_lossy(seen: dict, tmp_path: Path, *, trials: int, steps: int, keep_aft
     assert not {st["node"] for st in stats} & lost
     gone = [i for i, (a, b) in enumerate(zip(seen["shards_before"], seen["shards_at_hit"], strict=True))
             if a in lost or b in lost]  # fmt: skip
-    assert len(gone) >= 2 and all(stats[i]["rebuilt"] for i in gone), (gone, stats)
-    # the second loss came after the generation, when every shard held chunks of both generators
+    assert len(gone) >= len(lost) and all(stats[i]["rebuilt"] for i in gone), (gone, stats)
+    # the trial node's loss came after the generation, when every shard held chunks of both generators
     assert all(stats[i]["restored"] > 0 for i in gone if seen["shards_at_hit"][i] == hit["node"])
 
     # every requested trial finished once, complete; the one whose node was lost after one retry elsewhere
@@ -233,25 +242,40 @@ def check_lossy(seen: dict, tmp_path: Path, *, trials: int, steps: int, keep_aft
     assert refined and "reruns with other reconstruction seeds" in log
 
 
-def lossy_campaign(cluster, tmp_path: Path, patience, monkeypatch, iters: int, **shape) -> None:
+def lossy_campaign(cluster, tmp_path: Path, patience, monkeypatch, generating_loss: bool, iters: int,
+                   **shape) -> None:  # fmt: skip
     traced = type("Traced", (TracedScorer,), {"trace": str(tmp_path / "trace.jsonl"),
                                               "release": str(tmp_path / "release")})  # fmt: skip
     monkeypatch.setattr(campaign_module, "FidelityScorer", traced)
     monkeypatch.setenv("DFQ_SEARCH_CACHE", str(tmp_path / "cache"))  # the URI campaign's local mirror
-    seen = run_lossy(*cluster, tmp_path, patience, iters=iters, **shape)
+    seen = run_lossy(*cluster, tmp_path, patience, generating_loss=generating_loss, iters=iters, **shape)
     print(seen["times"])
     check_lossy(seen, tmp_path, **shape)
 
 
-def test_a_campaign_loses_a_generating_node_and_a_trial_node_and_completes(
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_a_campaign_loses_the_node_of_a_running_trial_and_a_shard_and_completes(
     cluster, tmp_path, patience, monkeypatch
 ):
-    lossy_campaign(cluster, tmp_path, patience, monkeypatch, iters=20, trials=4, steps=32, keep_after=4)
+    lossy_campaign(
+        cluster, tmp_path, patience, monkeypatch, False, iters=20, trials=3, steps=16, keep_after=4
+    )
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", [3], indirect=True)
+def test_a_campaign_loses_a_generating_node_and_a_trial_node_and_completes(
+    cluster, tmp_path, patience, monkeypatch
+):
+    lossy_campaign(cluster, tmp_path, patience, monkeypatch, True, iters=20, trials=4, steps=32, keep_after=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", [3], indirect=True)
 def test_a_longer_campaign_loses_two_nodes_and_completes(cluster, tmp_path, patience, monkeypatch):
-    lossy_campaign(cluster, tmp_path, patience, monkeypatch, iters=100, trials=8, steps=120, keep_after=20)
+    lossy_campaign(
+        cluster, tmp_path, patience, monkeypatch, True, iters=100, trials=8, steps=120, keep_after=20
+    )
 
 
 def test_a_rebuilt_shard_owns_what_it_wrote_and_its_share_of_the_rest():
