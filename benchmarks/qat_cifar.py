@@ -195,9 +195,19 @@ def run_game(bundle, q, method: str, args, seed: int, device, fidelity: Fidelity
             "q_step_s": statistics.fmean(game.q_step.seconds or [float("nan")])}  # fmt: skip
 
 
+def setting(text: str):
+    """A ``--distill-set`` value: an int, a float (1e-4 too, which YAML reads as a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def run_distill(bundle, q, args, seed: int, starts: Starts, fidelity: Fidelity | None) -> dict:
     """The distill row: Q (the PTQ start) distilled to P on the synthetic pool."""
-    settings = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.distill_set)}
+    settings = {k: setting(v) for k, _, v in (item.partition("=") for item in args.distill_set)}
     cfg = DistillConfig(**{"seed": seed, **settings})
     configs["distill"] = dataclasses.asdict(cfg)
     pool = starts.synthetic(seed)[0][: args.distill_pool]
