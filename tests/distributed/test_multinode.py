@@ -311,7 +311,12 @@ def test_a_killed_shard_reloads_what_it_wrote_through_and_drops_a_chunk_it_holds
 
         ray.get([buffer.shards[i % 2].add.remote(chunk(4 * i)) for i in range(4)])
         assert SampleBank.open(str(tmp_path / "bank")).info()["samples"] == 32  # written through
-        ray.kill(buffer.shards[1], no_restart=False)
+        ray.kill(buffer.shards[1], no_restart=False)  # asynchronous: a call may still reach the old actor
+
+        def rebuilt() -> bool:
+            return ray.get(buffer.shards[1].stats.remote(), timeout=patience(60))["rebuilt"]
+
+        patience.wait_for("the killed shard to be rebuilt from the bank", rebuilt, 60)
         again = ray.get(buffer.shards[1].add.remote(chunk(4)), timeout=patience(60))  # a retried add
         stats = buffer.stats()["shards"]
         assert stats[1]["rebuilt"] and stats[1]["restored"] == 16 and again["filled"] == 16
