@@ -170,7 +170,7 @@ def test_the_local_ray_listens_on_localhost_without_dashboard(fake_ray):
     assert kw["_node_ip_address"] == "127.0.0.1"
     assert kw["include_dashboard"] is False
     assert kw.get("dashboard_host", "127.0.0.1") == "127.0.0.1"
-    assert "address" not in kw and kw["args"] == ()  # a new local instance, never someone else's
+    assert kw["address"] == "local" and kw["args"] == ()  # a new local instance, never someone else's
     assert kw["num_cpus"] == 2 and kw["log_to_driver"] is False
 
 

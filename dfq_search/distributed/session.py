@@ -80,8 +80,10 @@ def init(address: str | None = None, num_cpus: int | None = 2, namespace: str = 
         return
     kwargs.setdefault("object_store_memory", 512 * 2**20)
     kwargs.setdefault("logging_level", logging.ERROR)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False,
-             _node_ip_address="127.0.0.1", **kwargs)  # fmt: skip
+    # "local": a Ray of its own, even when the machine runs a cluster started with `ray start` (which a
+    # bare ray.init would join, and then refuse num_cpus); --address auto is the way to join that one
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=namespace,
+             log_to_driver=False, _node_ip_address="127.0.0.1", **kwargs)  # fmt: skip
 
 
 def shutdown() -> None:
