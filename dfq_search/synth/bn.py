@@ -160,22 +160,29 @@ def _spread(var: Tensor, running_var: Tensor, use_std: bool, eps: float) -> Tens
     return var - running_var
 
 
-def _layer_loss(mean: Tensor, var: Tensor, r: BNRecord, use_std: bool, relative: bool, eps: float) -> Tensor:
+def _layer_loss(
+    mean: Tensor, var: Tensor, r: BNRecord, use_std: bool, relative: bool, eps: float, floor: float = 0.0
+) -> Tensor:
     """One layer's term of L_BNS (per channel, averaged over the channels; [B] for [B, C] input)."""
     spread = _spread(var, r.running_var, use_std, eps)
     shift = mean - r.running_mean
     if relative:
-        scale = r.running_var + eps
+        scale = r.running_var.clamp(min=floor * r.running_var.mean().item()) + eps
         shift, spread = shift / scale.sqrt(), spread / (scale.sqrt() if use_std else scale)
     return shift.pow(2).mean(-1) + spread.pow(2).mean(-1)
 
 
-def bn_loss(stats: BNStats, use_std: bool = False, eps: float = 1e-5, relative: bool = False) -> Tensor:
-    """L_BNS over the batch statistics (module docstring); 0 when they equal the running ones."""
+def bn_loss(
+    stats: BNStats, use_std: bool = False, eps: float = 1e-5, relative: bool = False, floor: float = 0.0
+) -> Tensor:
+    """L_BNS over the batch statistics (module docstring); 0 when they equal the running ones.
+    ``floor`` (with ``relative``): a channel's unit is at least ``floor`` x its layer's mean running
+    variance, so a near-dead channel (running variance ~1e-4 beside a layer mean of ~3) does not
+    dominate the loss."""
     terms = []
     for r in stats.records:
         assert r.mean is not None and r.var is not None, "no batch statistics recorded"
-        terms.append(_layer_loss(r.mean, r.var, r, use_std, relative, eps))
+        terms.append(_layer_loss(r.mean, r.var, r, use_std, relative, eps, floor))
     return torch.stack(terms).mean()
 
 

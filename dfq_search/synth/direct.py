@@ -45,12 +45,13 @@ class DirectConfig:
     jitter: int = 2
     use_std: bool = False
     bn_relative: bool = True
+    bn_floor: float = 0.0
     clamp: bool = True
     mean: tuple[float, ...] | None = None  # P's input normalization, for the clamp box; None = no box
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight", "lr"):
+        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight", "lr", "bn_floor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise DfqError(f"direct synthesis {name}", value, "a finite number >= 0", f"set {name} >= 0")
@@ -64,6 +65,9 @@ class DirectConfig:
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise DfqError(f"direct synthesis {name}", value, "true or false", f"set {name}: true")
+        if self.bn_floor > 0 and not self.bn_relative:
+            raise DfqError("direct synthesis bn_floor", self.bn_floor, "0 unless bn_relative is true (it floors "
+                           "the scale-free loss's per-channel unit)", "set bn_relative: true, or bn_floor: 0")  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "direct synthesis") -> DirectConfig:
@@ -116,7 +120,7 @@ def optimize_batch(
         for _ in range(cfg.iterations):
             logits = model(_roll(x, cfg.jitter, gen))
             terms = {
-                "bn": bn_loss(stats, cfg.use_std, relative=cfg.bn_relative),
+                "bn": bn_loss(stats, cfg.use_std, relative=cfg.bn_relative, floor=cfg.bn_floor),
                 "ce": F.cross_entropy(logits, y),
                 "tv": total_variation(x),
                 "l2": x.pow(2).mean(),

@@ -88,3 +88,16 @@ def test_relative_bn_loss_is_zero_at_the_target_and_scale_free(tiny) -> None:
         r.mean, r.var = r.running_mean.clone(), r.running_var.clone()
     assert bn_loss(stats, relative=True).item() == 0.0
     assert bn_loss(stats, use_std=True, relative=True).item() == 0.0
+
+
+def test_the_floor_keeps_a_near_dead_channel_from_dominating_the_relative_loss() -> None:
+    from dfq_search.synth.bn import BNRecord, BNStats
+
+    running_var = torch.tensor([2.0, 4.0, 1e-4])  # the third channel is near dead (layer mean ~2)
+    rec = BNRecord("bn", torch.zeros(3), running_var, mean=torch.tensor([0.1, 0.1, 0.1]), var=running_var * 1.1)
+    stats = BNStats([rec])
+    terms = lambda floor: bn_loss(stats, eps=0.0, relative=True, floor=floor)  # noqa: E731
+    # Without the floor the dead channel's shift of 0.1 counts 0.01 / 1e-4 = 100: the loss is all its own.
+    assert terms(0.0).item() == pytest.approx((0.01 / 2 + 0.01 / 4 + 0.01 / 1e-4) / 3 + 0.01, rel=1e-5)
+    # With floor 0.1 its unit is 0.1 x 2.0 = 0.2: the live channels are measured as before.
+    assert terms(0.1).item() == pytest.approx((0.01 / 2 + 0.01 / 4 + 0.01 / 0.2 + 0.01 * 2) / 3, rel=1e-4)

@@ -76,6 +76,8 @@ def test_bad_input_is_refused(tiny, kwargs, match) -> None:
 def test_bad_config_and_model_without_bn() -> None:
     with pytest.raises(DfqError, match="tv_weight"):
         DirectConfig(tv_weight=-1.0)
+    with pytest.raises(DfqError, match="bn_floor.*bn_relative"):  # it floors the scale-free loss only
+        DirectConfig(bn_relative=False, bn_floor=0.1)
     with pytest.raises(DfqError, match="BatchNorm"):
         synthesize_images(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2), 3, 2)
 
