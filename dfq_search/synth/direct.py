@@ -66,8 +66,9 @@ class DirectConfig:
                 value = getattr(self, name)
                 raise DfqError(f"direct synthesis {name}", value, "true or false", f"set {name}: true")
         if self.bn_floor > 0 and not self.bn_relative:
-            raise DfqError("direct synthesis bn_floor", self.bn_floor, "0 unless bn_relative is true (it floors "
-                           "the scale-free loss's per-channel unit)", "set bn_relative: true, or bn_floor: 0")  # fmt: skip
+            raise DfqError("direct synthesis bn_floor", self.bn_floor,
+                           "0 unless bn_relative is true (it floors the scale-free loss's per-channel unit)",
+                           "set bn_relative: true, or bn_floor: 0")  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "direct synthesis") -> DirectConfig:

@@ -94,7 +94,8 @@ def test_the_floor_keeps_a_near_dead_channel_from_dominating_the_relative_loss()
     from dfq_search.synth.bn import BNRecord, BNStats
 
     running_var = torch.tensor([2.0, 4.0, 1e-4])  # the third channel is near dead (layer mean ~2)
-    rec = BNRecord("bn", torch.zeros(3), running_var, mean=torch.tensor([0.1, 0.1, 0.1]), var=running_var * 1.1)
+    shift = torch.tensor([0.1, 0.1, 0.1])
+    rec = BNRecord("bn", torch.zeros(3), running_var, mean=shift, var=running_var * 1.1)
     stats = BNStats([rec])
     terms = lambda floor: bn_loss(stats, eps=0.0, relative=True, floor=floor)  # noqa: E731
     # Without the floor the dead channel's shift of 0.1 counts 0.01 / 1e-4 = 100: the loss is all its own.
