@@ -45,11 +45,18 @@ def _scored(df: Any) -> bool:
     return df is not None and "score" in df and "training_iteration" in df
 
 
-def surviving(iterations: list[int], scores: list[float]) -> list[float]:
-    """The scores of a trial's reports that stand: a trial retried after a failure reports its first
-    iterations again (from the start, or from its checkpoint), and those replace the failed attempt's."""
+def _level(df: Any) -> str:
+    """The column of a report's level: its fidelity (every trial report has one), else Tune's count."""
+    return "fidelity" if "fidelity" in df and df["fidelity"].notna().all() else "training_iteration"
+
+
+def surviving(levels: list[int], scores: list[float]) -> list[float]:
+    """The scores of a trial's reports that stand, by their level (the fidelity): a trial retried after
+    a failure reports its first levels again, and a trial restarted from its final checkpoint (its
+    driver killed before Tune recorded its end) its last one; those replace the earlier attempt's.
+    (Tune's iteration goes on counting over a restart: it cannot tell them.)"""
     kept: list[tuple[int, float]] = []
-    for it, score in zip(iterations, scores, strict=True):
+    for it, score in zip(levels, scores, strict=True):
         while kept and kept[-1][0] >= it:
             kept.pop()
         kept.append((int(it), float(score)))
@@ -64,7 +71,7 @@ def records_of(grid: Any, failures: Mapping[str, int] | None = None) -> list[Tri
         failed = (failures or {}).get(str(result.path), 0)
         metrics = dict(result.metrics or {})
         df = result.metrics_dataframe
-        scores = surviving(df["training_iteration"].tolist(), df["score"].tolist()) if _scored(df) else []
+        scores = surviving(df[_level(df)].tolist(), df["score"].tolist()) if _scored(df) else []
         out.append(
             TrialRecord(
                 trial=metrics.get("trial_id") or Path(result.path).name,

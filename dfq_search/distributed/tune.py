@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def _trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         tune.report({**metrics, "node": node}, checkpoint=checkpoint)
 
-    run_trial(config, ctx, report)
+    checkpoint = tune.get_checkpoint()  # only a final report makes one: the trial had finished
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as folder:
+        run_trial(config, ctx, report, restored=None if folder is None else Path(folder))
 
 
 TuneSetup = TrialsSpec  # what a campaign hands to Tune (dfq_search.search.runner), built by keyword

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dfq_search.search.method import game_config, ptq_config
 
 Report = Callable[[dict[str, Any], Path | None], None]
 INFEASIBLE_SCORE = -1e3  # what an over-budget plan scores (it is never computed); TPE only ranks
+METRICS = "metrics.json"  # a final checkpoint's (and a memo's) metrics
 
 
 class TrialFailed(RuntimeError):
@@ -70,14 +72,39 @@ def _marks(total: int, levels: int) -> list[int]:
     return [math.ceil(total * j / (levels + 1)) for j in range(1, levels + 1)]
 
 
-def run_trial(config: dict[str, Any], ctx: TrialContext, report: Report) -> dict[str, Any]:
+def run_trial(
+    config: dict[str, Any], ctx: TrialContext, report: Report, restored: Path | None = None
+) -> dict[str, Any]:
     """Run one trial (see the module docstring); returns its final metrics. A config that a finished
     trial of the campaign already ran (a sampler may propose one twice) is replayed from ``ctx.memo``:
-    the same reports and model, marked ``replayed``, with no compute."""
+    the same reports and model, marked ``replayed``, with no compute. ``restored``: the checkpoint a
+    trial restarts from, which only its final report makes (a driver killed before Tune recorded the
+    trial's end restarts it): that report is made once more from it, with no compute."""
+    if restored is not None and (done := report_again(restored, ctx.reports, report)) is not None:
+        return done
     memo = Memo(ctx.memo, config) if ctx.memo else None
     if memo is not None and (done := memo.replay(ctx.reports, report)) is not None:
         return done
     return _Trial(config, ctx, report, memo).run()
+
+
+def report_again(folder: Path, reports: int, report: Report) -> dict[str, Any] | None:
+    """The final report of a finished trial made again from its checkpoint ``folder`` (its metrics and
+    model), marked ``replayed``; None when the folder holds no metrics (a checkpoint of an older
+    version: the trial runs again)."""
+    try:
+        metrics = json.loads((folder / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    metrics = {**metrics, "replayed": 1.0, "seconds": 0.0, "fidelity": reports}
+    report(metrics, folder)
+    return metrics
+
+
+def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    """``metrics`` as ``folder/metrics.json`` (left out when a metric is not a number)."""
+    with suppress(TypeError, ValueError):  # json.dumps fails before anything is written
+        (folder / METRICS).write_text(json.dumps(metrics, default=float))
 
 
 class Memo:
@@ -88,7 +115,7 @@ class Memo:
 
     def replay(self, reports: int, report: Report) -> dict[str, Any] | None:
         try:
-            metrics = json.loads((self.path / "metrics.json").read_text())
+            metrics = json.loads((self.path / METRICS).read_text())
         except (OSError, ValueError):
             return None
         metrics = {**metrics, "replayed": 1.0, "seconds": 0.0}
@@ -103,7 +130,7 @@ class Memo:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, default=float))
+            (tmp / METRICS).write_text(json.dumps(metrics, default=float))
             os.replace(tmp, self.path)
         except (OSError, TypeError, ValueError):  # another trial of this config won the race, a full
             # disk, or a metric that is not a number: no memo (the trial itself is unaffected)
@@ -210,6 +237,7 @@ class _Trial:
             ctx = self.ctx
             save_quantized(Path(tmp) / "model.pt", q, ctx.model_name, ctx.num_classes, self.plan, config,
                            ctx.preprocess)  # fmt: skip
+            write_metrics(Path(tmp), metrics)  # a trial restarted from this checkpoint reports them again
             if self.memo is not None:
                 self.memo.save(metrics, Path(tmp))
             self.report(metrics, Path(tmp))

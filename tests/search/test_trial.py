@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import optuna
 import pytest
@@ -132,6 +133,33 @@ def test_a_repeated_config_is_replayed_from_the_memo_without_compute(tiny, tmp_p
     other = Recorder()  # another seed is another config: computed
     with pytest.raises(AssertionError, match="must not quantize"):
         run_trial({**config, "seed": 1}, ctx, other)
+
+
+def test_a_trial_restarted_from_its_final_checkpoint_reports_it_again_without_compute(
+    tiny, tmp_path, monkeypatch
+):
+    config, kept = _config(tiny), tmp_path / "checkpoint"
+
+    def keep(metrics, folder):  # what Tune keeps of the final report, and restores
+        if folder is not None:
+            shutil.copytree(folder, kept)
+
+    final = run_trial(config, _ctx(tiny), keep)
+
+    def no_compute(*_a, **_k):
+        raise AssertionError("a finished trial must not quantize anything")
+
+    monkeypatch.setattr("dfq_search.ptq.run_ptq", no_compute)
+    again = Recorder()
+    replayed = run_trial(dict(config), _ctx(tiny), again, restored=kept)
+    assert [(m["fidelity"], f) for m, f in again.calls] == [(3, kept)]  # the final report only, once
+    assert replayed == again.calls[0][0] and replayed["replayed"] == 1.0
+    assert {k: v for k, v in replayed.items() if k not in ("replayed", "seconds")} == {
+        k: v for k, v in final.items() if k != "seconds"
+    }
+    (kept / "metrics.json").unlink()  # a checkpoint without its metrics: the trial runs again
+    with pytest.raises(AssertionError, match="must not quantize"):
+        run_trial(dict(config), _ctx(tiny), Recorder(), restored=kept)
 
 
 @pytest.mark.parametrize("reports", [1, 5])
