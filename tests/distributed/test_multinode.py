@@ -1,7 +1,9 @@
 """A campaign on a Ray cluster of several nodes on one machine (``ray.cluster_utils.Cluster``: a head and
 worker nodes, each its own raylet with one CPU and a custom resource naming it), its storage at a
 ``file://`` URI standing in for a bucket, losing the node of a running trial (the default run), or
-first the node of a generator worker while the generators run and then that of a trial (slow).
+first the node of a generator worker while the generators run and then that of a trial (slow); or
+its driver (``dfq-search run --address``, a subprocess) killed mid-campaign and resumed while the
+worker nodes stay up.
 
 What runs where: the driver on the head (no CPU: no trial or generator runs there); the two generator
 workers on two worker nodes (one CPU each; a third worker node, when there is one, free for a restart);
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 ray = pytest.importorskip("ray")
 
@@ -295,6 +300,7 @@ def test_a_retried_trials_reports_are_those_of_its_last_attempt():
     assert surviving([1, 2, 3], [0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]
     assert surviving([1, 1, 2, 3], [0.5, 0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]  # started again
     assert surviving([1, 2, 2, 3], [0.1, 0.9, 0.2, 0.3]) == [0.1, 0.2, 0.3]  # from its checkpoint at 1
+    assert surviving([1, 2, 3, 3], [0.1, 0.2, 0.3, 0.3]) == [0.1, 0.2, 0.3]  # from its final checkpoint
 
 
 def test_a_killed_shard_reloads_what_it_wrote_through_and_drops_a_chunk_it_holds(tmp_path, patience):
@@ -324,3 +330,85 @@ def test_a_killed_shard_reloads_what_it_wrote_through_and_drops_a_chunk_it_holds
         assert held_by(buffer, stats) == {"g": Counter({step: 2 for step in range(16)})}  # each once
     finally:
         shutdown()
+
+
+DONE = re.compile(r"trial \d+/\d+ (\S+): (?!FAILED)")  # a ProgressLine of a finished trial
+OUTPUTS = ("campaign.json", "sensitivity.json", "results.parquet", "pareto.png", "best_plan.yaml",
+           "best_model.pt", "summary.json")  # fmt: skip
+
+
+def driver(c: Cluster, tmp_path: Path, trials: int) -> list[str]:
+    """``dfq-search run`` of the campaign 'driven' on cluster ``c`` (generator samples, the buffer's
+    shards one per node), stored at a ``file://`` URI."""
+    path = tmp_path / "driven.yaml"
+    path.write_text(yaml.safe_dump(space(trials, iters=40, steps=16, keep_after=4, shards=3)))
+    return [sys.executable, "-m", "dfq_search.cli", "run", "--address", c.address, "--space", str(path),
+            "--storage", f"file://{tmp_path}/bucket", "--name", "driven"]  # fmt: skip
+
+
+def finished(log: Path) -> list[str]:
+    return DONE.findall(log.read_text()) if log.exists() else []
+
+
+def kill_after_two(argv: list[str], env: dict, log: Path, patience) -> list[str]:
+    """Start the driver, SIGKILL its process group once two trials have finished; the trials it had
+    finished."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        patience.wait_for("two finished trials", lambda: len(finished(log)) >= 2, 300,
+                          alive=lambda: proc.poll() is None,
+                          progress=lambda: log.read_text()[-3000:])  # fmt: skip
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; the worker nodes stay up
+        proc.wait()
+    return finished(log)
+
+
+def actors() -> list[dict]:
+    """Every actor the cluster's GCS knows of, dead ones included (``ray.util.state`` needs a dashboard)."""
+    from ray._private import state
+
+    return list(state.actors().values())
+
+
+def left_on_cluster() -> list[str]:
+    """The actors still alive and the placement groups not removed: once every driver has gone, none
+    (a dead driver's named actor or placement group would stand in the next one's way)."""
+    alive = [a["Name"] or a["ActorClassName"] for a in actors() if a["State"] != "DEAD"]
+    groups = ray.util.placement_group_table().values()
+    return alive + [f"placement group {g['placement_group_id']}" for g in groups if g["state"] != "REMOVED"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_the_driver_killed_mid_campaign_resumes_on_the_same_cluster(cluster, tmp_path, patience):
+    c, trials = cluster[0], 5
+    env = {**os.environ, "DFQ_SEARCH_CACHE": str(tmp_path / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
+    argv, start = driver(c, tmp_path, trials), time.monotonic()
+    before = kill_after_two(argv, env, tmp_path / "first.log", patience)
+    killed = time.monotonic() - start
+    assert 2 <= len(before) < trials, "the kill must land after two finished trials and before the end"
+    resumed = patience.run([*argv, "--resume"], "the resumed campaign", 400, capture_output=True, text=True,
+                           env=env)  # fmt: skip
+    print({"killed at": killed, "resumed in": time.monotonic() - start - killed})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "no generation" in resumed.stdout  # the samples reloaded from the bank, none generated again
+    run = tmp_path / "bucket" / "driven"
+    rows = {r["trial"]: r for r in pq.read_table(run / "results.parquet").to_pylist()}
+    assert pq.read_table(run / "results.parquet").num_rows == len(rows) == trials
+    assert {r["status"] for r in rows.values()} == {"complete"}, rows
+    assert set(before) <= set(rows)
+    again = set(DONE.findall(resumed.stdout))
+    # a trial finished before the kill is not run again: or, killed between its final report and Tune's
+    # record of it, it is restarted and replays that report from the memo (no compute)
+    assert all(t not in again or rows[t]["replayed"] for t in before), (before, again)
+    assert all(len(json.loads(r["reports"])) == 3 for r in rows.values())
+    assert c.head_node.node_id not in {r["node"] for r in rows.values()}
+    for name in OUTPUTS:
+        assert (run / name).is_file(), name
+    assert list((run / "refine").glob("*/model.pt"))
+    patience.wait_for("the drivers' actors and placement groups to go", lambda: not left_on_cluster(), 60,
+                      progress=lambda: str(left_on_cluster()))  # fmt: skip
+    shards = [a["JobID"] for a in actors() if re.fullmatch(r"driven-samples/\d+", a["Name"])]
+    assert len(shards) == 2 * 3 and len(set(shards)) == 2  # the resumed driver's shards were its own
