@@ -80,13 +80,24 @@ class TracedScorer(FidelityScorer):
             trial = ray.tune.get_context().get_trial_id()
         except Exception:  # a rerun (a Ray task, no Tune context)
             trial = None
-        line = {"trial": trial, "node": ray.get_runtime_context().get_node_id(), "fraction": fraction}
+        line = {"trial": trial, "node": ray.get_runtime_context().get_node_id(), "fraction": fraction,
+                "pid": os.getpid()}  # fmt: skip
         with open(self.trace, "a") as f:
             f.write(json.dumps(line) + "\n")
         deadline = time.monotonic() + 600
         while trial and fraction < 1 and not os.path.exists(self.release) and time.monotonic() < deadline:
             time.sleep(0.1)
         return super().__call__(q, fraction)
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie no parent reaped counts as ended)."""
+    import psutil  # a dependency of Ray
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def reports(path: Path) -> list[dict]:
@@ -181,6 +192,9 @@ def run_lossy(c: Cluster, workers: list, tmp_path: Path, patience, *, generating
     seen["shards_at_hit"] = shard_nodes()
     remove(c, workers, seen["hit"]["node"])
     seen["times"]["trial node lost"] = time.monotonic() - start
+    # a worker outlives its killed raylet for a moment: released before it ended, the held trial could
+    # finish there, and the loss fall on the next trial of that (reused) worker
+    patience.wait_for("the lost node's trial process to end", lambda: ended(seen["hit"]["pid"]), 60)
     (tmp_path / "release").touch()  # the trials held at their first report go on
     campaign.join(timeout=patience(400))
     seen["times"]["campaign done"] = time.monotonic() - start
