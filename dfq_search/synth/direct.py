@@ -28,10 +28,11 @@ from dfq_search.errors import DfqError
 from dfq_search.models.base import Preprocess
 from dfq_search.synth.bn import bn_loss, bn_statistics, require_bn
 
-# Near-dead channels (running variance below 0.1 x their layer's mean: 24 of ResNet-20's 688, 40 of
-# ResNet-32's 1,136, none of cifar_vgg's or cifar_effnet's) are measured in units of 0.1 x that mean
-# (README "The model panel, and synthesis that transfers": ResNet-20 W2A4 +1.6, ResNet-32 W3A3 +1.25)
-BN_FLOOR = 0.1
+# The scale-free loss's floor when bn_floor is unset: none. A floor of 0.1 x the layer's mean (near-dead
+# channels: 24 of ResNet-20's 688, 40 of ResNet-32's 1,136, none of cifar_vgg's or cifar_effnet's)
+# measured +1.6 on ResNet-20 W2A4 and +1.25 on ResNet-32 W3A3 but -2.1 on ResNet-32 W2A4 (README "The
+# model panel, and synthesis that transfers"): an option, not the default
+BN_FLOOR = 0.0
 FROM_MODEL = ("mean", "std")  # the pixel box: the model's preprocessing, never a user setting
 
 
@@ -175,8 +176,8 @@ def synthesize_images(
     buffers, train/eval flag). ``progress(done, n_images)`` is called after every batch.
 
     Defaults: 100 Adam steps at lr 0.5, batch 128, the scale-free BN loss (``bn_relative``: each
-    layer's misfit in units of its own running variance, per channel, floored at ``BN_FLOOR`` x the
-    layer's mean so that near-dead channels do not dominate). The absolute loss at lr 0.25 (the first
+    layer's misfit in units of its own running variance, per channel; ``bn_floor`` floors that unit
+    at a fraction of the layer's mean, for near-dead channels). The absolute loss at lr 0.25 (the first
     defaults, chosen on ResNet-20) left nets whose BN inputs have small variances far from their
     statistics (mnist_dwnet: relative misfit 0.23 against 0.004 for real images; data-free BRECQ at
     W2A4 83.3% against 95.3% on real images) and made a VGG-style net's W4A4 BRECQ fall below its
