@@ -92,13 +92,19 @@ def report_again(folder: Path, reports: int, report: Report) -> dict[str, Any] |
     """The final report of a finished trial made again from its checkpoint ``folder`` (its metrics and
     model), marked ``replayed``; None when the folder holds no metrics (a checkpoint of an older
     version: the trial runs again)."""
-    try:
-        metrics = json.loads((folder / METRICS).read_text())
-    except (OSError, ValueError):
+    if (metrics := read_metrics(folder)) is None:
         return None
     metrics = {**metrics, "replayed": 1.0, "seconds": 0.0, "fidelity": reports}
     report(metrics, folder)
     return metrics
+
+
+def read_metrics(folder: Path) -> dict[str, Any] | None:
+    """``folder/metrics.json`` (a final checkpoint's or a memo's); None when absent or unreadable."""
+    try:
+        return json.loads((folder / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
@@ -114,9 +120,7 @@ class Memo:
         self.path = Path(folder) / config_hash(config)
 
     def replay(self, reports: int, report: Report) -> dict[str, Any] | None:
-        try:
-            metrics = json.loads((self.path / METRICS).read_text())
-        except (OSError, ValueError):
+        if (metrics := read_metrics(self.path)) is None:
             return None
         metrics = {**metrics, "replayed": 1.0, "seconds": 0.0}
         for level in range(1, reports):

@@ -167,7 +167,8 @@ def _layer_loss(
     spread = _spread(var, r.running_var, use_std, eps)
     shift = mean - r.running_mean
     if relative:
-        scale = r.running_var.clamp(min=floor * r.running_var.mean().item()) + eps
+        scale = r.running_var if floor == 0 else torch.maximum(r.running_var, floor * r.running_var.mean())
+        scale = scale + eps
         shift, spread = shift / scale.sqrt(), spread / (scale.sqrt() if use_std else scale)
     return shift.pow(2).mean(-1) + spread.pow(2).mean(-1)
 

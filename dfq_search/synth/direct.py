@@ -28,11 +28,6 @@ from dfq_search.errors import DfqError
 from dfq_search.models.base import Preprocess
 from dfq_search.synth.bn import bn_loss, bn_statistics, require_bn
 
-# The scale-free loss's floor when bn_floor is unset: none. A floor of 0.1 x the layer's mean (near-dead
-# channels: 24 of ResNet-20's 688, 40 of ResNet-32's 1,136, none of cifar_vgg's or cifar_effnet's)
-# measured +1.6 on ResNet-20 W2A4 and +1.25 on ResNet-32 W3A3 but -2.1 on ResNet-32 W2A4 (README "The
-# model panel, and synthesis that transfers"): an option, not the default
-BN_FLOOR = 0.0
 FROM_MODEL = ("mean", "std")  # the pixel box: the model's preprocessing, never a user setting
 
 
@@ -50,7 +45,10 @@ class DirectConfig:
     jitter: int = 2
     use_std: bool = False
     bn_relative: bool = True
-    bn_floor: float | None = None  # None: BN_FLOOR with the scale-free loss (the absolute one has no unit)
+    # floor of the scale-free loss's per-channel unit, x the layer's mean running variance (near-dead
+    # channels): 0.1 measured +1.6 on ResNet-20 W2A4, +1.25 on ResNet-32 W3A3 but -2.1 on ResNet-32
+    # W2A4 (README "The model panel, and synthesis that transfers"), so it is an option, off by default
+    bn_floor: float = 0.0
     clamp: bool = True
     mean: tuple[float, ...] | None = None  # P's input normalization, for the clamp box; None = no box
     std: tuple[float, ...] | None = None
@@ -58,8 +56,6 @@ class DirectConfig:
     def __post_init__(self) -> None:
         for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight", "lr", "bn_floor"):
             value = getattr(self, name)
-            if name == "bn_floor" and value is None:
-                continue
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise DfqError(f"direct synthesis {name}", value, "a finite number >= 0", f"set {name} >= 0")
         for name in ("iterations", "batch_size"):
@@ -72,15 +68,10 @@ class DirectConfig:
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise DfqError(f"direct synthesis {name}", value, "true or false", f"set {name}: true")
-        if self.bn_floor is not None and not self.bn_relative:
+        if self.bn_floor > 0 and not self.bn_relative:
             raise DfqError("direct synthesis bn_floor", self.bn_floor,
-                           "unset unless bn_relative is true (it floors the scale-free loss's unit)",
-                           "set bn_relative: true, or drop bn_floor")  # fmt: skip
-
-    @property
-    def floor(self) -> float:
-        """The scale-free loss's floor in use: ``bn_floor``, or :data:`BN_FLOOR` when it is unset."""
-        return BN_FLOOR if self.bn_floor is None else self.bn_floor
+                           "0 unless bn_relative is true (it floors the scale-free loss's unit)",
+                           "set bn_relative: true, or bn_floor: 0")  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "direct synthesis") -> DirectConfig:
@@ -133,7 +124,7 @@ def optimize_batch(
         for _ in range(cfg.iterations):
             logits = model(_roll(x, cfg.jitter, gen))
             terms = {
-                "bn": bn_loss(stats, cfg.use_std, relative=cfg.bn_relative, floor=cfg.floor),
+                "bn": bn_loss(stats, cfg.use_std, relative=cfg.bn_relative, floor=cfg.bn_floor),
                 "ce": F.cross_entropy(logits, y),
                 "tv": total_variation(x),
                 "l2": x.pow(2).mean(),

@@ -78,8 +78,8 @@ def test_bad_config_and_model_without_bn() -> None:
         DirectConfig(tv_weight=-1.0)
     with pytest.raises(DfqError, match="bn_floor.*bn_relative"):  # it floors the scale-free loss only
         DirectConfig(bn_relative=False, bn_floor=0.1)
-    assert DirectConfig().floor == 0.0 and DirectConfig(bn_floor=0.1).floor == 0.1
-    assert DirectConfig(bn_relative=False, lr=0.25).bn_floor is None  # the first defaults, still accepted
+    assert DirectConfig().bn_floor == 0.0 and DirectConfig(bn_floor=0.1).bn_floor == 0.1
+    assert DirectConfig(bn_relative=False, lr=0.25).bn_floor == 0.0  # the first defaults, still accepted
     with pytest.raises(DfqError, match="BatchNorm"):
         synthesize_images(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2), 3, 2)
 
