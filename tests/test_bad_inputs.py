@@ -228,6 +228,15 @@ def _c_space_second_budget_impossible(t):
     return Case(_run(t, p), ("impossible budget", "budget.max_mbops: 0.001", "raise the budget"), [p])
 
 
+def _c_space_budget_leaves_one_plan(t):  # every trial repaired to the uniform 2-bit plan, 24 times
+    def edit(data: dict) -> None:
+        _set("budget", {"uniform_weight_bits": 2})(data)
+        _set("bits.activation._default", [4])(data)
+
+    p = _space(t, edit)
+    return Case(_run(t, p), ("leaves nothing to search", "uniform_weight_bits: 2", "raise the budget"), [p])
+
+
 def _c_space_missing_layer(t):
     p = _space(t, _set("bits.weight.conv9", [4]))
     return Case(_run(t, p), ("conv9", "lacks"), [p])

@@ -91,6 +91,7 @@ class PlanSpace:
             (v for k, (_, v) in self.limits.items() if k.startswith("uniform_")), 0.0
         )  # the size (KiB) or BOPs (M) of the uniform plan a uniform_* limit names
         self._check_reachable()
+        self._check_room()
 
     def cost(self, bits: Mapping[str, LayerBits]) -> dict[str, float]:
         c = layer_costs(self.layers, dict(bits))
@@ -135,6 +136,23 @@ class PlanSpace:
                     f"the lowest bits of every layer cost {shown}",
                     "raise the budget or allow fewer bits",
                 )
+
+    def _check_room(self) -> None:
+        """Refuse a budget that only the smallest plan fits while the space offers bit choices: every
+        trial would be repaired to that one plan (a 2-bit-size budget with 2 as the lowest choice)."""
+        least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
+        raises = [{**least, c.name: LayerBits(c.w[1], c.a[0])} for c in self.choices if len(c.w) > 1]
+        raises += [{**least, c.name: LayerBits(c.w[0], c.a[1])} for c in self.choices if len(c.a) > 1]
+        if raises and all(self.excess(self.cost(b)) > 1e-9 for b in raises):
+            kinds = ", ".join(f"budget.{k}: {getattr(self.budget, k)}" for k in self.limits)
+            raise DfqError(
+                "the budget leaves nothing to search: only the smallest plan (every layer at its lowest "
+                "bits) fits, so every trial would run that one plan",
+                kinds,
+                "a budget that one layer's next bit choice fits under",
+                "raise the budget, add lower bit choices (e.g. for the first/last layers), or give every "
+                "layer a single choice to run just that plan",
+            )
 
     def bits_from_params(self, params: Mapping[str, Any]) -> dict[str, LayerBits]:
         return {

@@ -54,7 +54,7 @@ def _brute_force(plans: PlanSpace) -> float:
         ({"uniform_weight_bits": 4}, {"_default": [2, 4, 8], "head.2": [8]}, None),
         # layers no rule covers stay float: their 32 bits are part of the size the budget limits
         ({"max_size_kib": 3.0}, {"re:features.*": [2, 4, 8]}, {"re:features.*": [8]}),
-        ({"uniform_weight_bits": 2}, {"re:features.*": [2, 4, 8]}, {"re:features.*": [8]}),
+        ({"uniform_weight_bits": 4}, {"re:features.*": [2, 4, 8]}, {"re:features.*": [8]}),
     ],
 )
 def test_dp_plan_is_the_best_plan_under_the_budget(budget, weight, activation, layers_of):

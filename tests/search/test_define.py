@@ -120,8 +120,24 @@ def test_an_impossible_budget_is_refused(layers_of):
     space = _space({"_default": [2, 4]}, {"_default": [8]}, budget={"max_size_kib": 1.0})
     with pytest.raises(DfqError, match="impossible budget: even the smallest plan exceeds it"):
         PlanSpace(space, layers_of("tiny_cnn"))  # all 2-bit: 6296 * 2 / 8192 = 1.54 KiB
-    space = _space({"_default": [2, 4]}, {"_default": [8]}, budget={"max_size_kib": 6296 * 2 / 8192})
-    PlanSpace(space, layers_of("tiny_cnn"))  # exactly the smallest plan: reachable
+    space = _space({"_default": [2]}, {"_default": [8]}, budget={"max_size_kib": 6296 * 2 / 8192})
+    PlanSpace(space, layers_of("tiny_cnn"))  # exactly the smallest plan, the only one offered: reachable
+
+
+def test_a_budget_that_only_the_smallest_plan_fits_is_refused(layers_of):
+    """The size of uniform 2-bit weights with 2 as every layer's lowest choice: every trial would be
+    repaired to the uniform 2-bit plan, so the campaign is refused before compute."""
+    layers = layers_of("tiny_cnn")
+    exact = {"max_size_kib": 6296 * 2 / 8192}
+    with pytest.raises(DfqError, match="the budget leaves nothing to search") as err:
+        PlanSpace(_space({"_default": [2, 4]}, {"_default": [8]}, budget=exact), layers)
+    assert "budget.max_size_kib: 1.53" in str(err.value)
+    with pytest.raises(DfqError, match="the budget leaves nothing to search"):
+        PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": 2}), layers)
+    roomy = PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": 3}), layers)
+    assert roomy.limits  # one layer at 3 bits fits under uniform 3-bit weights
+    acts = _space({"_default": [2]}, {"_default": [4, 8]}, budget={"max_mbops": 1e9})
+    PlanSpace(acts, layers)  # the weights are pinned, the activations' choices fit: a search
 
 
 BUDGETS = [
