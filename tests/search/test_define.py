@@ -132,10 +132,14 @@ def test_a_budget_that_only_the_smallest_plan_fits_is_refused(layers_of):
     with pytest.raises(DfqError, match="the budget leaves nothing to search") as err:
         PlanSpace(_space({"_default": [2, 4]}, {"_default": [8]}, budget=exact), layers)
     assert "budget.max_size_kib: 1.53" in str(err.value)
+    def uniform(w: int) -> PlanSpace:
+        return PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": w}), layers)
+
     with pytest.raises(DfqError, match="the budget leaves nothing to search"):
-        PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": 2}), layers)
-    roomy = PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": 3}), layers)
-    assert roomy.limits  # one layer at 3 bits fits under uniform 3-bit weights
+        uniform(2)
+    roomy = uniform(3)  # one layer at 3 bits fits under uniform 3-bit weights: the repair keeps a 3 or 4
+    repaired = roomy.repair(_uniform(roomy, 4, 8))
+    assert max(b.w for b in repaired.values()) > 2
     acts = _space({"_default": [2]}, {"_default": [4, 8]}, budget={"max_mbops": 1e9})
     PlanSpace(acts, layers)  # the weights are pinned, the activations' choices fit: a search
 
