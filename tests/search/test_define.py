@@ -132,8 +132,10 @@ def test_a_budget_that_only_the_smallest_plan_fits_is_refused(layers_of):
     with pytest.raises(DfqError, match="the budget leaves nothing to search") as err:
         PlanSpace(_space({"_default": [2, 4]}, {"_default": [8]}, budget=exact), layers)
     assert "budget.max_size_kib: 1.53" in str(err.value)
+
     def uniform(w: int) -> PlanSpace:
-        return PlanSpace(_space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": w}), layers)
+        space = _space({"_default": [2, 3, 4]}, {"_default": [8]}, budget={"uniform_weight_bits": w})
+        return PlanSpace(space, layers)
 
     with pytest.raises(DfqError, match="the budget leaves nothing to search"):
         uniform(2)
