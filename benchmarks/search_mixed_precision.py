@@ -14,6 +14,8 @@ when rerun, so the table can be built over several runs (rows, budgets, samplers
     python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe random --trials 24
     python benchmarks/search_mixed_precision.py --budgets 4 --samplers tpe
     python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe --bops --act-choices 3 4 5 6 8
+    python benchmarks/search_mixed_precision.py --budgets 3 --samplers tpe --bops --bops-act-bits 3 \
+        --act-choices 2 3 4 5 6 8
 
 Last line: one JSON object.
 """
@@ -46,8 +48,10 @@ def parse_args() -> argparse.Namespace:
                    help="weight bits a layer may take (first/last layers stay at 8)")  # fmt: skip
     acts = "activation bits a layer may take (first/last at 8); other than 4 needs --bops"
     p.add_argument("--act-choices", type=int, nargs="+", default=[4], help=acts)
-    bops = "also limit the BOPs to those of uniform W<budget>A4 (the same size and compute)"
+    bops = "also limit the BOPs to those of uniform W<budget>A<--bops-act-bits> (the same size and compute)"
     p.add_argument("--bops", action="store_true", help=bops)
+    bops_a = "activation bits of the uniform plan whose BOPs --bops limits (3: W3A3's BOPs)"
+    p.add_argument("--bops-act-bits", type=int, default=4, help=bops_a)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--reports", type=int, default=None,
                    help="reports per trial (the fidelities ASHA can stop a trial at; 1: no early stopping); "
@@ -83,7 +87,7 @@ def space_for(args, budget: int, sampler: str, seed: int):
     raw = yaml.safe_load((SPACE_DIR / "cifar_resnet20.yaml").read_text())
     raw["budget"] = {"uniform_weight_bits": budget, "repair": True}
     if args.bops:
-        raw["budget"]["uniform_bops"] = f"W{budget}A4"
+        raw["budget"]["uniform_bops"] = f"W{budget}A{args.bops_act_bits}"
     raw["bits"]["weight"]["_default"] = list(args.weight_choices)
     raw["bits"]["activation"]["_default"] = list(args.act_choices)
     ptq = {**raw["method"]["ptq"], "modcap_k": args.modcap_k, "capacity": "data", "recon.iters": args.iters}
@@ -181,7 +185,8 @@ def run(args, budget: int, sampler: str, seed: int, bundle, half_a, half_b) -> t
     uniform, dp = u_row.get("test_top1"), dp_row.get("test_top1")
     best = result.best or {}
     top_trial = best_trial(result.rows) or {}  # the highest single score (what an unrefined campaign ships)
-    row = {"budget": f"w{budget}{'+bops' if args.bops else ''}", "sampler": sampler, "seed": seed,
+    label = f"w{budget}" + (f"+bops-a{args.bops_act_bits}" if args.bops else "")
+    row = {"budget": label, "sampler": sampler, "seed": seed,
            "trials": len(result.rows),
            "complete": len(candidates(result.rows)), "uniform_top1_B": uniform, "dp_top1_B": dp,
            "ilp_top1_B": ilp_row.get("test_top1"),
@@ -228,6 +233,8 @@ def main() -> None:
             "--act-choices other than 4 needs --bops: without a BOPs limit every plan would take "
             "the highest activation bits for free, and the uniform plan would not be W<budget>A4"
         )
+    if args.bops_act_bits != 4 and not args.bops:
+        sys.exit(f"--bops-act-bits {args.bops_act_bits} needs --bops: it sets the limit --bops adds")
     import torch
 
     torch.set_num_threads(1)
