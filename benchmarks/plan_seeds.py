@@ -7,7 +7,9 @@ on both halves of the CIFAR-10 test set (half A: what the search optimised; half
     python benchmarks/plan_seeds.py --budget 3 --iters 200 --seeds 0 1    # longer reconstructions
     python benchmarks/plan_seeds.py --budget 3 --top 1 --seeds 0 1 2 3 --uniform 4 8   # + references
 
-The campaign must exist under --storage (run `search_mixed_precision.py` with the same flags first).
+The campaign must exist under --storage (run `search_mixed_precision.py` with the same flags first):
+every flag not listed here is the campaign's, as search_mixed_precision.py takes it (--bops,
+--act-choices, --synth-set, --weight-choices, --storage, ...).
 Last line: one JSON object.
 """
 
@@ -25,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CIFAR_TEST, CIFAR_WEIGHTS, emit, shared
-from search_mixed_precision import campaign_name, halves, space_for
+from search_mixed_precision import campaign_name, campaign_parser, halves, space_for
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,12 +42,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="reconstruction seeds")
     p.add_argument("--iters", type=int, default=None, help="steps per unit (default: the campaign's)")
     p.add_argument("--campaign-iters", type=int, default=100, help="the campaign's steps per unit")
-    p.add_argument("--trials", type=int, default=24, help="the campaign's trial count")
-    p.add_argument("--calibration", type=int, default=512, help="the campaign's synthetic images")
-    p.add_argument("--modcap-k", type=int, default=0)
-    p.add_argument("--weight-choices", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
-    p.add_argument("--model", default="cifar_resnet20")
     p.add_argument(
         "--samples",
         type=Path,
@@ -54,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    return p.parse_args()
+    args, rest = p.parse_known_args()
+    campaign = campaign_parser().parse_args([*rest, "--iters", str(args.campaign_iters)])
+    return argparse.Namespace(**{**vars(campaign), **vars(args)})  # this script's --seeds, --iters win
 
 
 def campaign_plans(args, run_dir: Path) -> dict[str, dict]:

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CIFAR_TEST, CIFAR_WEIGHTS, add_synth_args, emit, shared, synth_settings
 
 
-def parse_args() -> argparse.Namespace:
+def campaign_parser() -> argparse.ArgumentParser:
+    """The flags that name a campaign (plan_seeds.py takes them too, to find the campaign again)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", type=int, nargs="+", default=[3, 4], help="uniform weight bits of the budget")
     p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
@@ -63,7 +64,11 @@ def parse_args() -> argparse.Namespace:
     refine = "plans rerun with other seeds at the end (default: the space's; 0: none)"
     p.add_argument("--refine-top", type=int, default=None, help=refine)
     add_synth_args(p)
-    return p.parse_args()
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    return campaign_parser().parse_args()
 
 
 def halves(data):
