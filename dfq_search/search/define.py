@@ -124,9 +124,12 @@ class PlanSpace:
         """How far over the budget (<= 0 within every limit): the largest of ``excesses``."""
         return max(self.excesses(cost), default=0.0)
 
+    def _least(self) -> dict[str, LayerBits]:
+        """The smallest plan: every layer at its lowest weight and activation bits."""
+        return {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
+
     def _check_reachable(self) -> None:
-        least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
-        cost = self.cost(least)
+        cost = self.cost(self._least())
         for kind, over in zip(self.limits, self.excesses(cost), strict=True):
             if over > 1e-9:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in cost.items())
@@ -140,7 +143,7 @@ class PlanSpace:
     def _check_room(self) -> None:
         """Refuse a budget that only the smallest plan fits while the space offers bit choices: every
         trial would be repaired to that one plan (a 2-bit-size budget with 2 as the lowest choice)."""
-        least = {c.name: LayerBits(c.w[0], c.a[0]) for c in self.choices}
+        least = self._least()
         raises = [{**least, c.name: LayerBits(c.w[1], c.a[0])} for c in self.choices if len(c.w) > 1]
         raises += [{**least, c.name: LayerBits(c.w[0], c.a[1])} for c in self.choices if len(c.a) > 1]
         if raises and all(self.excess(self.cost(b)) > 1e-9 for b in raises):
