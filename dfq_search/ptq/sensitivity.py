@@ -10,6 +10,11 @@ Assuming additivity, the allocation for a size budget S (in weight bits) solves
     min Σ_i Ω_i(k_i)   subject to   Σ_i params_i · k_i ≤ S,
 
 exactly, by dynamic programming over the layers keeping only the Pareto-optimal (size, Ω) states.
+
+The same measure for a layer's activations (its input), for budgets that limit BOPs: Ω^a_i(a) is the
+KL when only layer i's input is quantized at a bits (per tensor, MSE-searched range on a sample of that
+input over the batches), everything else in float, so that weight and activation moves are weighed
+in one unit (nats) by the budget repair and the ILP.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq_search.errors import DfqError
-from dfq_search.ptq.calibrate import as_batches
+from dfq_search.ptq.calibrate import SAMPLES, as_batches, mse_act_range
 from dfq_search.quant.plan import BitPlan, check_bits
-from dfq_search.quant.quantizers import WeightQuantizer
+from dfq_search.quant.quantizers import WeightQuantizer, fake_quant, qparams
 from dfq_search.quant.trace import trace_layers
 
 
@@ -57,6 +62,67 @@ def zeroq_sensitivity(
             kls = [_kl(r, p(x)) * len(x) for r, x in zip(refs, data, strict=True)]
             out[info.name][k] = sum(kls) / sum(len(x) for x in data)
         layer.weight.copy_(original)
+    return out
+
+
+def _input_samples(p: nn.Module, layers: Sequence[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each named layer's float input values: all of them, or a seeded random sample where there
+    are more than ``SAMPLES``."""
+    gen, per_batch = torch.Generator().manual_seed(0), max(1, SAMPLES // len(data))
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().flatten().float()
+            if x.numel() > per_batch:  # all of a small input, a sample of a large one
+                x = x[torch.randint(0, x.numel(), (per_batch,), generator=gen).to(x.device)]
+            kept[name].append(x)
+
+        return record
+
+    handles = [p.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
+    try:
+        for x in data:
+            p(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in kept.items()}
+
+
+@torch.no_grad()
+def act_sensitivity(
+    model: nn.Module,
+    batches: Iterable,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    device: torch.device | str = "cpu",
+    skip: Iterable[str] = (),
+) -> dict[str, dict[int, float]]:
+    """Ω^a_i(a) (module docstring) for every Conv2d/Linear layer i of ``model`` (left untouched) but
+    those in ``skip`` (e.g. a layer reading the model's input, which stays float), at every a in
+    ``bits``."""
+    for k in bits:
+        check_bits(k, "activation sensitivity bits")
+    data = as_batches(batches, device)
+    p = copy.deepcopy(model).eval()
+    refs = [p(x) for x in data]
+    names = [i.name for i in trace_layers(p, data[0][:1]) if i.name not in set(skip)]
+    samples = _input_samples(p, names, data)
+    out: dict[str, dict[int, float]] = {}
+    for name in names:
+        out[name] = {}
+        for k in bits:
+            lo, hi = mse_act_range(samples[name], k)
+            scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), k)
+            scale, zp = scale.to(samples[name].device), zp.to(samples[name].device)
+            handle = p.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, s=scale, z=zp, b=k: (fake_quant(args[0], s, z, b), *args[1:])
+            )
+            try:
+                kls = [_kl(r, p(x)) * len(x) for r, x in zip(refs, data, strict=True)]
+            finally:
+                handle.remove()
+            out[name][k] = sum(kls) / sum(len(x) for x in data)
     return out
 
 

@@ -2,7 +2,8 @@
 
 1. load P and the space; check the storage path before any compute;
 2. synthesize (or read from the cache or a bank) the calibration and held-out samples;
-3. ZeroQ sensitivity on the calibration samples: the budget repair's order and the DP warm start;
+3. ZeroQ sensitivity (weights; activations where they are searched) on the calibration samples:
+   the budget repair's order, the DP and ILP warm starts;
 4. warm starts: the uniform plans that fit the budget and the sensitivity-DP plan, run first;
 5. the runner (Ray Tune + OptunaSearch: dfq_search.distributed.runner) runs the trials;
 6. results.parquet, the Pareto front (table + PNG), best_plan.yaml, the best model (checkpoint and,
@@ -39,6 +40,7 @@ from dfq_search.search.samples import CampaignSamples, campaign_samples
 from dfq_search.search.space import Resources, Search, SearchSpace
 from dfq_search.search.starts import (
     SENSITIVITY_IMAGES,
+    act_sensitivity,
     dp_plan,
     hessian_sensitivity,
     sensitivity,
@@ -300,7 +302,8 @@ def prepare(
     log(f"samples: {space.samples.calibration} calibration + {n_held} held-out ({samples.origin})")
     _sample_grid(run_dir / "tensorboard" / "samples", bundle, calib, samples.heldout)
     sens = sensitivity(bundle, calib, space, layers, run_dir, device, log)
-    plans = PlanSpace(space, layers, sens)
+    sens_a = act_sensitivity(bundle, calib, space, layers, run_dir, device, log)
+    plans = PlanSpace(space, layers, sens, sens_a)
     if val is not None:
         scorer = LabelledScorer(bundle.model, val, bundle.preprocess)
     else:

@@ -7,9 +7,10 @@ method knobs, ``<part>.<path in its config>`` (``kind``, ``ptq.modcap_k``, ``qat
 ``cost`` and ``feasible``.
 
 Budget repair: a sampled plan over the budget has the bits of one layer at a time lowered to its next
-choice, the move with the least sensitivity increase per bit saved first (ZeroQ's Ω when known, else
-the largest saving), until it fits; with several limits, the first one exceeded picks what a move
-saves (weight bits, or BOPs for a BOPs limit). The plan is then a deterministic function of the sampled
+choice, the move with the least sensitivity increase per bit saved first (ZeroQ's Ω of the weights,
+and Ω^a of the activations, when known; else the largest saving), until it fits; with several limits,
+the first one exceeded picks what a move saves (weight bits, or BOPs for a BOPs limit, where lowering
+a layer's activations is a move too). The plan is then a deterministic function of the sampled
 parameters, which is what TPE models. With ``repair: false`` an over-budget plan is reported
 infeasible without any compute, and its excess over each limit goes to Optuna as a constraint
 (``Trial.set_constraint``) that steers the sampler away from such plans.
@@ -80,12 +81,17 @@ class PlanSpace:
     """Layer choices + budget for one model: plans from parameters, costs, repair, warm starts."""
 
     def __init__(
-        self, space: SearchSpace, layers: Sequence[LayerInfo], sensitivity: Mapping | None = None
+        self,
+        space: SearchSpace,
+        layers: Sequence[LayerInfo],
+        sensitivity: Mapping | None = None,
+        act_sensitivity: Mapping | None = None,
     ) -> None:
         self.space, self.budget = space, space.budget
         self.layers = list(layers)
         self.choices = layer_choices(space, layers)
         self.sensitivity = {k: dict(v) for k, v in (sensitivity or {}).items()}
+        self.act_sensitivity = {k: dict(v) for k, v in (act_sensitivity or {}).items()}
         self.limits = self._compute_limits()
         self.uniform_limit = next(
             (v for k, (_, v) in self.limits.items() if k.startswith("uniform_")), 0.0
@@ -177,14 +183,15 @@ class PlanSpace:
             if lower_w:
                 w = lower_w[-1]
                 a_cost = FLOAT_BITS if info[c.name].reads_model_input else b.a  # as the cost model counts
-                saved = info[c.name].params * (b.w - w) * (a_cost if bops else 1)
-                om = self.sensitivity.get(c.name, {})
-                harm = om[w] - om[b.w] if w in om and b.w in om else 1.0
-                moves.append((max(harm, 0.0) / saved - saved * 1e-18, c.name, LayerBits(w, b.a)))
+                saved = info[c.name].macs * (b.w - w) * a_cost if bops else info[c.name].params * (b.w - w)
+                harm = _harm(self.sensitivity.get(c.name, {}), b.w, w)
+                moves.append((harm / saved - saved * 1e-18, c.name, LayerBits(w, b.a)))
             lower_a = [a for a in c.a if a < b.a]
-            if bops and lower_a:
-                saved = info[c.name].macs * b.w * (b.a - lower_a[-1])
-                moves.append((1.0 / saved, c.name, LayerBits(b.w, lower_a[-1])))
+            if bops and lower_a and not info[c.name].reads_model_input:  # a float input saves nothing
+                a = lower_a[-1]
+                saved = info[c.name].macs * b.w * (b.a - a)
+                harm = _harm(self.act_sensitivity.get(c.name, {}), b.a, a)
+                moves.append((harm / saved - saved * 1e-18, c.name, LayerBits(b.w, a)))
         return sorted(moves, key=lambda m: m[0])
 
     def repair(self, bits: Mapping[str, LayerBits]) -> dict[str, LayerBits]:
@@ -239,6 +246,11 @@ class PlanSpace:
                     out.append(bits)
                     break
         return out
+
+
+def _harm(omega: Mapping[int, float], bits: int, lower: int) -> float:
+    """The rise of a layer's sensitivity from ``bits`` to ``lower`` (1.0 where it is not known)."""
+    return max(omega[lower] - omega[bits], 0.0) if lower in omega and bits in omega else 1.0
 
 
 def _nearest(choices: tuple[int, ...], want: int) -> int:

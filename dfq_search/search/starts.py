@@ -1,4 +1,5 @@
-"""Where a campaign starts: ZeroQ's per-layer sensitivity (measured once, kept in the campaign folder),
+"""Where a campaign starts: ZeroQ's per-layer sensitivity of the weights and, where activation bits
+are searched, of the activations (measured once, kept in the campaign folder),
 and the plans enqueued before the search proposes any: the uniform plans that fit the budget, the
 sensitivity-DP plan (ZeroQ's exact allocation, §9) and HAWQ-V3's plan (Hessian-trace sensitivity on
 the synthetic images, an integer linear program under every limit of the budget at once)."""
@@ -41,6 +42,27 @@ def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: 
     return sens
 
 
+def act_sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict | None:
+    """Ω^a per layer and activation choice (:func:`dfq_search.ptq.sensitivity.act_sensitivity`), for a
+    space where some layer has several: measured once, kept in the campaign folder
+    (``act_sensitivity.json``); None when no layer's activations are searched."""
+    probe = PlanSpace(plans_space, layers)
+    if all(len(c.a) == 1 for c in probe.choices):
+        return None
+    path = run_dir / "act_sensitivity.json"
+    if path.is_file():
+        return _by_bits(json.loads(path.read_text()))
+    from dfq_search.ptq.sensitivity import act_sensitivity as measure
+
+    bits = sorted({a for c in probe.choices for a in c.a})
+    skip = [i.name for i in layers if i.reads_model_input]
+    start = time.perf_counter()
+    sens = measure(bundle.model, list(calib[:SENSITIVITY_IMAGES].split(64)), bits, device, skip)
+    log(f"activation sensitivity of {len(sens)} layers at bits {bits}: {time.perf_counter() - start:.1f} s")
+    path.write_text(json.dumps(sens))
+    return sens
+
+
 def hessian_sensitivity(bundle, calib, plans: PlanSpace, run_dir: Path, device, log: Log) -> dict:
     """HAWQ-V3's Ω per layer and weight choice (:mod:`dfq_search.ptq.hessian`), measured once on the
     calibration samples and kept in the campaign folder (``hessian.json``: the traces and Ω)."""
@@ -74,36 +96,40 @@ def warm_starts(
     dp = dp_plan(plans) if "sensitivity" in kinds else None
     if dp is not None:
         out["sensitivity-dp"] = dp
-    ilp = ilp_plan(plans, hessian) if "hessian" in kinds and hessian else None
+    ilp = ilp_plan(plans, hessian, plans.act_sensitivity) if "hessian" in kinds and hessian else None
     if ilp is not None:
         out["hessian-ilp"] = ilp
     return out
 
 
-def ilp_plan(plans: PlanSpace, omega: Mapping[str, Mapping[int, float]]) -> dict[str, LayerBits] | None:
-    """HAWQ-V3's allocation: the weight bits minimising Σ Ω_i(k_i) under every limit of the budget at
-    once (size, mean bits and BOPs; each layer's activations at its highest choice), by an integer
-    linear program; then repaired (lower activations) where a BOPs limit still needs it. Each
-    choice's use of a limit is what the campaign's cost model adds for it, so the two always agree.
-    None when no assignment fits."""
+def ilp_plan(
+    plans: PlanSpace, omega: Mapping[str, Mapping[int, float]], act_omega: Mapping | None = None
+) -> dict[str, LayerBits] | None:
+    """HAWQ-V3's allocation: the bits minimising Σ Ω_i(k_i) + Ω^a_i(a_i) under every limit of the
+    budget at once (size, mean bits and BOPs), by an integer linear program over each layer's (weight,
+    activation) pairs. Without ``act_omega`` (Ω^a, :func:`act_sensitivity`), HAWQ-V3's own program:
+    weights only, each layer's activations at its highest choice, then repaired (lower activations)
+    where a BOPs limit still needs it. Each choice's use of a limit is what the campaign's cost model
+    adds for it, so the two always agree. None when no assignment fits."""
     from dfq_search.ptq.ilp import allocate_ilp
 
-    base = {c.name: LayerBits(c.w[0], c.a[-1]) for c in plans.choices}
+    edge = {i.name for i in plans.layers if i.reads_model_input}  # its input stays float: a is moot
+    acts = {c.name: c.a if act_omega and c.name not in edge else c.a[-1:] for c in plans.choices}
+    pairs = {c.name: [LayerBits(w, a) for w in c.w for a in acts[c.name]] for c in plans.choices}
+    base = {n: min(ps, key=lambda b: (b.w, b.a)) for n, ps in pairs.items()}
     keys = [key for key, _ in plans.limits.values()]
     floor = plans.cost(base)
-    use = {}
-    for c in plans.choices:
-        use[c.name] = {}
-        for w in c.w:
-            cost = plans.cost({**base, c.name: LayerBits(w, c.a[-1])})
-            use[c.name][w] = [cost[k] - floor[k] for k in keys]
+    use, cost = {}, {}
+    for name, ps in pairs.items():
+        om, om_a = omega.get(name, {}), (act_omega or {}).get(name, {})
+        use[name] = {b: [plans.cost({**base, name: b})[k] - floor[k] for k in keys] for b in ps}
+        cost[name] = {b: float(om.get(b.w, 0.0)) + float(om_a.get(b.a, 0.0)) for b in ps}
     limits = [limit - floor[key] + 1e-9 for key, limit in plans.limits.values()]
-    cost = {c.name: {w: float(omega.get(c.name, {}).get(w, 0.0)) for w in c.w} for c in plans.choices}
     try:
         chosen = allocate_ilp(cost, use, limits)
     except DfqError:
-        chosen = {c.name: c.w[0] for c in plans.choices}  # over a BOPs limit even so: the repair's turn
-    bits = plans.repair({c.name: LayerBits(chosen[c.name], c.a[-1]) for c in plans.choices})
+        chosen = base  # over a BOPs limit even so: the repair's turn
+    bits = plans.repair(dict(chosen))
     return bits if plans.excess(plans.cost(bits)) <= 1e-9 else None
 
 

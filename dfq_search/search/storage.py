@@ -25,6 +25,8 @@ URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 DRIVER_FILES = (
     "campaign.json",
     "sensitivity.json",
+    "act_sensitivity.json",
+    "hessian.json",
     "results.parquet",
     "pareto.png",
     "best_plan.yaml",

@@ -87,6 +87,43 @@ def test_the_hessian_ilp_plan_is_the_best_plan_under_every_limit(budget, layers_
     assert sum(SENSITIVITY[n][b.w] for n, b in ilp.items()) == pytest.approx(best)
 
 
+ACT_SENSITIVITY = {  # features.0.0 reads the (float) image: no Ω^a
+    "features.1.0": {2: 2.5, 4: 0.2, 8: 0.0},
+    "features.2.0": {2: 0.3, 4: 0.1, 8: 0.0},
+    "head.2": {2: 0.8, 4: 0.05, 8: 0.0},
+}
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        {"uniform_bops": "W4A4"},
+        {"uniform_weight_bits": 4, "uniform_bops": "W4A4"},
+        {"max_size_kib": 2.5, "uniform_bops": "W8A2"},  # high weights buy low activations
+    ],
+)
+def test_the_joint_ilp_plan_is_the_best_weight_and_activation_plan(budget, layers_of):
+    """With Ω^a, the ILP chooses (weight, activation) pairs: its plan is the least Σ Ω + Ω^a of all."""
+    from dfq_search.search.starts import ilp_plan
+
+    plans = _plans(layers_of("tiny_cnn"), budget, activation={"_default": [2, 4, 8]})
+    ilp = ilp_plan(plans, SENSITIVITY, ACT_SENSITIVITY)
+    assert ilp is not None and plans.excess(plans.cost(ilp)) <= 1e-9
+
+    def total(bits):
+        return sum(SENSITIVITY[n][b.w] + ACT_SENSITIVITY.get(n, {}).get(b.a, 0.0) for n, b in bits.items())
+
+    best = float("inf")
+    for pairs in itertools.product(*(itertools.product(c.w, c.a) for c in plans.choices)):
+        bits = {c.name: LayerBits(*p) for c, p in zip(plans.choices, pairs, strict=True)}
+        if plans.excess(plans.cost(bits)) <= 1e-9:
+            best = min(best, total(bits))
+    assert best > 0, "the budget never binds: the test checks nothing"
+    assert total(ilp) == pytest.approx(best)
+    weights_only = ilp_plan(plans, SENSITIVITY)  # HAWQ-V3's own program, then the repair
+    assert weights_only is not None and total(weights_only) >= total(ilp) - 1e-9
+
+
 def test_warm_starts_include_the_hessian_plan_when_asked(layers_of):
     plans = _plans(layers_of("tiny_cnn"), {"max_size_kib": 3.0})
     starts = warm_starts(plans, ("sensitivity", "hessian"), SENSITIVITY)
@@ -183,3 +220,24 @@ def test_the_label_free_metric_is_the_default_unless_a_resumed_campaign_started_
     assert campaign._label_free(auto, tmp_path, resume=False) == "mse"
     agree = replace(space, objective=replace(space.objective, metric="agreement"))
     assert campaign._label_free(agree, tmp_path, resume=True) == "agreement"
+
+
+def test_activation_sensitivity_is_measured_once_where_activations_are_searched(tmp_path, layers_of):
+    import torch
+
+    from dfq_search.models import create_model
+    from dfq_search.search.starts import act_sensitivity
+
+    bundle, layers, logs = create_model("tiny_cnn"), layers_of("tiny_cnn"), []
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def space(acts):
+        return parse_space({"bits": {"weight": {"_default": [2, 4, 8]}, "activation": {"_default": acts}}})
+
+    assert act_sensitivity(bundle, calib, space([8]), layers, tmp_path, "cpu", logs.append) is None
+    assert not (tmp_path / "act_sensitivity.json").exists()
+    sens = act_sensitivity(bundle, calib, space([2, 8]), layers, tmp_path, "cpu", logs.append)
+    assert set(sens) == {"features.1.0", "features.2.0", "head.2"}  # not the layer reading the image
+    assert all(set(v) == {2, 8} and v[2] > v[8] for v in sens.values())
+    again = act_sensitivity(bundle, calib * 0, space([2, 8]), layers, tmp_path, "cpu", logs.append)
+    assert again == sens and len(logs) == 1  # read back from the campaign folder, not remeasured

@@ -232,6 +232,35 @@ def test_repair_lowers_the_least_sensitive_per_bit_first(sensitivity, lowered, l
     assert fixed[lowered] == LayerBits(4, 8)
 
 
+def _bops_space(weight, activation):
+    all8 = sum(TINY_CNN_MACS.values()) * 64 + TINY_CNN_MACS["features.0.0"] * 8 * (32 - 8)  # float image
+    return _space(weight, activation, budget={"max_mbops": (all8 - 1) / 1e6})
+
+
+def test_a_bops_repair_weighs_a_weight_move_by_the_bops_it_saves(layers_of):
+    """features.1.0 and features.2.0 have the same MACs (4x apart in parameters): lowering either's
+    weights saves the same BOPs, so the less sensitive one goes first."""
+    sens = {"features.1.0": {4: 1.0, 8: 0.0}, "features.2.0": {4: 2.0, 8: 0.0}}
+    space = _bops_space({"_first_last": [8], "_default": [4, 8]}, {"_default": [8]})
+    fixed = PlanSpace(space, layers_of("tiny_cnn"), sens).repair({n: LayerBits(8, 8) for n in TINY_CNN_MACS})
+    assert {n for n, b in fixed.items() if b != LayerBits(8, 8)} == {"features.1.0"}
+
+
+@pytest.mark.parametrize(
+    ("act_sensitivity", "lowered"),
+    [
+        (None, "features.1.0"),  # the same BOPs saved, nothing known: the first in order
+        ({"features.1.0": {4: 3.0, 8: 0.0}, "features.2.0": {4: 1.0, 8: 0.0}}, "features.2.0"),
+    ],
+)
+def test_a_bops_repair_lowers_the_least_sensitive_activations_first(act_sensitivity, lowered, layers_of):
+    space = _bops_space({"_default": [8]}, {"_default": [4, 8]})
+    plans = PlanSpace(space, layers_of("tiny_cnn"), None, act_sensitivity)
+    fixed = plans.repair({n: LayerBits(8, 8) for n in TINY_CNN_MACS})
+    assert {n for n, b in fixed.items() if b != LayerBits(8, 8)} == {lowered}
+    assert fixed[lowered] == LayerBits(8, 4)
+
+
 def test_repair_false_reports_infeasible_and_the_constraint_steers(layers_of):
     plans = PlanSpace(_order_space(repair=False), layers_of("tiny_cnn"))
     over = {"w:features.1.0": 8, "w:features.2.0": 8}
