@@ -63,6 +63,8 @@ def campaign_parser() -> argparse.ArgumentParser:
                    help="warm starts (default: uniform, ZeroQ's DP and HAWQ-V3's ILP plan)")  # fmt: skip
     refine = "plans rerun with other seeds at the end (default: the space's; 0: none)"
     p.add_argument("--refine-top", type=int, default=None, help=refine)
+    screen = "steps per unit of the reruns (above --iters: the trials are a screen, judged by the reruns)"
+    p.add_argument("--refine-iters", type=int, default=None, help=screen)
     add_synth_args(p)
     return p
 
@@ -108,6 +110,8 @@ def space_for(args, budget: int, sampler: str, seed: int):
         raw["objective"]["reports"] = args.reports
     if args.refine_top is not None:
         raw["search"]["refine_top"] = args.refine_top
+    if args.refine_iters is not None:
+        raw["search"]["refine_iters"] = args.refine_iters
     return parse_space(raw, f"cifar_resnet20-w{budget}-{sampler}-s{seed}")
 
 
@@ -119,7 +123,7 @@ def campaign_name(space) -> str:
     from dfq_search.fingerprint import config_hash
 
     trials = asdict(space)
-    for key in ("refine_top", "refine_seeds"):
+    for key in ("refine_top", "refine_seeds", "refine_iters"):
         trials["search"].pop(key)
     return f"{space.source}-{config_hash(trials)[:8]}"
 
@@ -216,7 +220,9 @@ def _mean_on_half_b(result, best: dict, bundle, half_b) -> float | None:
     if not best.get("refined_runs"):
         return None
     trial = next(r for r in result.rows if r["trial"] == best["trial"])
-    runs = [dict(trial), *[dict(r) for r in reruns(result.run_dir).get(best["trial"], [])]]
+    runs = [dict(r) for r in reruns(result.run_dir).get(best["trial"], [])]
+    if not best.get("refined_screened"):  # a screened trial's own run is not part of the plan's figure
+        runs.insert(0, dict(trial))
     score_on_test(runs, half_b, bundle)
     return sum(r["test_top1"] for r in runs) / len(runs)
 

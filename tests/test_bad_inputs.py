@@ -144,6 +144,27 @@ def _c_space_negative_refine(t):
     return Case(_run(t, p), ("search.refine_top", "-1"), [p])
 
 
+def _c_space_refine_iters_without_finalists(t):
+    def edit(data: dict) -> None:
+        _set("search.refine_top", 0)(data)
+        _set("search.refine_iters", 300)(data)
+
+    p = _space(t, edit)
+    return Case(_run(t, p), ("refine_iters without finalists", "refine_top: 0", "set search.refine_top"), [p])
+
+
+def _c_space_refine_iters_without_ptq(t):
+    def edit(data: dict) -> None:
+        _set("method.kind", "qat")(data)
+        data["method"].pop("ptq")
+        _set("method.qat", {"train.iterations": 1000})(data)
+        _set("search.refine_top", 2)(data)
+        _set("search.refine_iters", 300)(data)
+
+    p = _space(t, edit)
+    return Case(_run(t, p), ("no kind reconstructs", "qat", "drop refine_iters"), [p])
+
+
 def _c_space_unknown_search_key(t):
     p = _space(t, _set("search.refine_seed", 2))
     return Case(_run(t, p), ("refine_seed", "refine_seeds"), [p])

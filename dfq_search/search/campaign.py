@@ -440,7 +440,8 @@ def _refine(
     targets = {
         r["trial"]: r for r in [*finalists(rows, search.refine_top), *mark_rows(rows, prep.starts).values()]
     }
-    refine(run_dir, list(targets.values()), configs, search.refine_seeds, run, log, left, search.concurrency)
+    refine(run_dir, list(targets.values()), configs, search.refine_seeds, run, log, left, search.concurrency,
+           search.refine_iters)  # fmt: skip
 
 
 def _rss_mb() -> float:

@@ -7,6 +7,9 @@ starts (so the summary compares the best with the uniform plan on equal terms), 
 ``search.refine_seeds`` more times (seeds ``seed + 1 ...``; same settings); the best plan is the
 finalist with the highest mean score, and the model shipped is its run that scored highest on the
 objective.
+With ``search.refine_iters`` above the trials' steps per unit, the trials are a cheap screen: the
+finalists and warm starts are rerun at ``refine_iters`` and their means (and the model shipped) come
+from those reruns alone, never from the screening run.
 Every rerun is kept in ``<campaign>/refine/<config hash>/`` (metrics.json, model.pt) as it ends, so a
 resumed campaign, or ``dfq-search report``, finds them without running them again.
 """
@@ -27,6 +30,8 @@ from dfq_search.search.runner import print_line
 from dfq_search.search.trial import Memo
 
 REFINE_DIR = "refine"
+ITERS = "ptq.recon.iters"  # the trial config's reconstruction steps per unit
+SCREENED = "screened"  # a rerun at other steps than its trial's: the trial's own score was a screen
 Log = Callable[[str], None]
 
 
@@ -41,9 +46,14 @@ def finalists(rows: Sequence[dict[str, Any]], top: int) -> list[dict[str, Any]]:
 
 
 def rerun_configs(
-    run_dir: Path, targets: Sequence[dict[str, Any]], configs: dict[str, dict], seeds: int
+    run_dir: Path,
+    targets: Sequence[dict[str, Any]],
+    configs: dict[str, dict],
+    seeds: int,
+    iters: int | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(trial, config) of every rerun of the ``targets`` (trial rows) not yet kept in the refine folder."""
+    """(trial, config) of every rerun of the ``targets`` (trial rows) not yet kept in the refine folder;
+    ``iters``: the reruns' reconstruction steps per unit (None: the trial's own)."""
     jobs = []
     for r in targets:
         config = configs.get(r["trial"])
@@ -51,6 +61,8 @@ def rerun_configs(
             continue
         for i in range(1, seeds + 1):
             again = {**config, "seed": int(config.get("seed", 0)) + i}
+            if iters is not None and int(config.get(ITERS, iters)) != iters:
+                again |= {ITERS: iters, SCREENED: True}
             if not (run_dir / REFINE_DIR / config_hash(again) / "metrics.json").is_file():
                 jobs.append((r["trial"], again))
     return jobs
@@ -65,21 +77,25 @@ def refine(
     log: Log = print_line,
     time_left: float | None = None,
     concurrency: int = 1,
+    iters: int | None = None,
 ) -> None:
     """Run the missing reruns of ``targets`` through ``run(configs, done)`` (the Ray side) and keep each
     as it ends; none when they would not fit in ``time_left`` seconds (estimated from the targets' own
-    trial times, ``concurrency`` at a time)."""
-    jobs = rerun_configs(run_dir, targets, configs, seeds)
+    trial times, scaled by the reruns' ``iters`` over the trials', ``concurrency`` at a time)."""
+    jobs = rerun_configs(run_dir, targets, configs, seeds, iters)
     if not jobs:
         return
-    longest = max((r.get("seconds") or 0.0 for r in targets), default=0.0)
+    scale = max((j[ITERS] / configs[t].get(ITERS, j[ITERS]) for t, j in jobs if ITERS in j), default=1.0)
+    longest = max((r.get("seconds") or 0.0 for r in targets), default=0.0) * max(scale, 1.0)
     needed = math.ceil(len(jobs) / max(1, concurrency)) * longest
     if time_left is not None and needed > time_left:
         log(f"not refining: {len(jobs)} reruns need about {needed:.0f} s, {max(time_left, 0):.0f} s of the "
             "time budget are left")  # fmt: skip
         return
+    screen = any(SCREENED in c for _, c in jobs)
+    steps = f" at {iters} steps per unit (the trials were a screen)" if screen else ""
     log(f"refining {len(targets)} plans (the best and the warm starts): {len(jobs)} reruns with other "
-        "reconstruction seeds ...")  # fmt: skip
+        f"reconstruction seeds{steps} ...")  # fmt: skip
 
     def done(i: int, metrics: dict | None, blob: bytes | None, error: str | None) -> None:
         trial, config = jobs[i]
@@ -89,7 +105,8 @@ def refine(
         seed, memo = config["seed"], Memo(str(run_dir / REFINE_DIR), config)
         with tempfile.TemporaryDirectory(prefix="dfq_rerun_") as folder:
             (Path(folder) / "model.pt").write_bytes(blob)
-            memo.save({**metrics, "trial": trial, "seed": seed}, Path(folder))
+            memo.save({**metrics, "trial": trial, "seed": seed, SCREENED: bool(config.get(SCREENED))},
+                      Path(folder))  # fmt: skip
         log(f"  rerun {i + 1}/{len(jobs)} of trial {trial} (seed {seed}): score {metrics['score']:.4f}")
 
     run([c for _, c in jobs], done)
@@ -109,9 +126,13 @@ def reruns(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """``row`` with the mean score over its runs (``refined_*``), shipped as its best-scoring run."""
-    runs = [{**row, "seed": None}, *again.get(row["trial"], [])]
-    if len(runs) == 1:
+    """``row`` with the mean score over its runs (``refined_*``), shipped as its best-scoring run. A
+    trial whose reruns reconstructed at other steps (``search.refine_iters``) was a screen: the mean and
+    the shipped run are its reruns' alone."""
+    kept = again.get(row["trial"], [])
+    screened = any(r.get(SCREENED) for r in kept)
+    runs = [*([] if screened else [{**row, "seed": None}]), *kept]
+    if not screened and len(runs) == 1:
         return row
     chosen = max(runs, key=lambda x: x["score"])
     scores = [x["score"] for x in runs]
@@ -124,6 +145,7 @@ def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> 
         "refined_mean": statistics.fmean(scores),
         "refined_runs": len(scores),
         "refined_scores": json.dumps(scores),
+        "refined_screened": screened,
     }
 
 

@@ -13,7 +13,8 @@ for all the keys with comments):
                game's config: knob} (dfq_search.search.method)
     samples:   where calibration and held-out samples come from
     objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl | mse), reports
-    search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds
+    search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds,
+               refine_iters
     resources: trial_cpu, trial_gpu, worker_cpu, worker_gpu
 
 Every knob of ``method`` is fixed, a list of choices, or a {low, high} range (:mod:`.knobs`), named by
@@ -187,6 +188,7 @@ class Search:
     max_failures: int = 1  # retries of a trial that raised
     refine_top: int = 0  # the best plans re-run with other reconstruction seeds at the end (0: none)
     refine_seeds: int = 2  # reruns of each of them (dfq_search.search.refine)
+    refine_iters: int | None = None  # reconstruction steps per unit of the reruns (None: the trial's)
 
 
 @dataclass(frozen=True)
@@ -358,8 +360,10 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
             "max_failures": number("search.max_failures", 0, 100, integer=True),
             "refine_top": number("search.refine_top", 0, 1000, integer=True),
             "refine_seeds": number("search.refine_seeds", 1, 100, integer=True),
+            "refine_iters": _optional(number("search.refine_iters", 1, 10**7, integer=True)),
         },
     )
+    _check_refine_iters(search, kind)
     resources = _typed(
         Resources,
         _section(data, "resources", Resources.__dataclass_fields__),
@@ -395,6 +399,24 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         resources,
         source,
     )
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check``, letting None (YAML's null: the setting's default) through."""
+    return lambda value: None if value is None else check(value)
+
+
+def _check_refine_iters(search: Search, kind: Knob) -> None:
+    """``refine_iters`` reruns the finalists' reconstructions longer: it needs finalists and PTQ."""
+    if search.refine_iters is None:
+        return
+    if search.refine_top < 1:
+        raise DfqError("search.refine_iters without finalists to rerun",
+                       f"refine_top: {search.refine_top}", "refine_top >= 1 with refine_iters",
+                       "set search.refine_top, or drop refine_iters")  # fmt: skip
+    if not any("ptq" in k for k in kind.values()):
+        raise DfqError("search.refine_iters sets reconstruction steps, but no kind reconstructs",
+                       f"kind: {list(kind.values())}", "a kind with ptq", "drop refine_iters")  # fmt: skip
 
 
 def load_space(path_or_name: str | Path) -> SearchSpace:

@@ -241,3 +241,23 @@ def test_activation_sensitivity_is_measured_once_where_activations_are_searched(
     assert all(set(v) == {2, 8} and v[2] > v[8] for v in sens.values())
     again = act_sensitivity(bundle, calib * 0, space([2, 8]), layers, tmp_path, "cpu", logs.append)
     assert again == sens and len(logs) == 1  # read back from the campaign folder, not remeasured
+
+
+def test_the_campaign_reruns_its_finalists_at_the_space_refine_iters(tmp_path, monkeypatch):
+    """search.refine_iters reaches the reruns (a value accepted is a value used)."""
+    from types import SimpleNamespace
+
+    from dfq_search.search import refine as refine_module
+    from dfq_search.search.space import Resources, Search
+
+    seen = {}
+    monkeypatch.setattr(refine_module, "refine", lambda *args: seen.setdefault("args", args))
+    monkeypatch.setattr(campaign, "result_rows", lambda records, reports: [])
+    prep = SimpleNamespace(ctx=SimpleNamespace(reports=2), starts={})
+    runner = SimpleNamespace(records=lambda run_dir: [])
+    search = Search(refine_top=2, refine_seeds=3, refine_iters=400)
+    campaign._refine(tmp_path, prep, runner, search, Resources(), None, lambda line: None)
+    assert seen["args"][3] == 3 and seen["args"][-1] == 400
+    spaced = parse_space({"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}},
+                          "search": {"refine_top": 1, "refine_iters": 400}})  # fmt: skip
+    assert spaced.search.refine_iters == 400

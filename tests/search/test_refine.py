@@ -120,3 +120,43 @@ def test_no_refinement_when_the_reruns_would_overrun_the_time_left(tmp_path):
     assert calls == [] and "not refining" in log[-1]  # 2 reruns of 30 s, one at a time: 60 s > 50 s
     refine(tmp_path, rows, {"a": _config("a")}, 2, run, log.append, time_left=50.0, concurrency=2)
     assert len(calls) == 2  # two at a time: 30 s
+
+
+def _screen_config(trial: str) -> dict:
+    return {"plan": {"layer": trial}, "ptq.recon.iters": 50, "seed": 0}
+
+
+def test_screened_trials_are_rerun_at_refine_iters_and_judged_by_those_runs_alone(tmp_path):
+    """A screen at 50 steps: the finalists rerun at 200, and their means and shipped models are the
+    200-step runs' only (the screening score, whatever it was, counts for nothing)."""
+    rows = [_row(tmp_path, "a", 90.0), _row(tmp_path, "b", 80.0)]  # a: a lucky screen
+    configs = {t: _screen_config(t) for t in "ab"}
+    calls = []
+    scores = {("a", 1): 70.0, ("a", 2): 72.0, ("b", 1): 81.0, ("b", 2): 83.0}
+    refine(tmp_path, rows, configs, 2, _fake_run(scores, calls), lambda line: None, iters=200)
+    assert [c["ptq.recon.iters"] for c in calls] == [200] * 4 and all(c["screened"] for c in calls)
+    top = refined_best(rows, reruns(tmp_path), 2)
+    assert top["trial"] == "b" and top["refined_mean"] == 82.0 and top["refined_runs"] == 2
+    assert top["score"] == 83.0 and top["refined_seed"] == 2 and top["refined_screened"]
+    a = with_reruns(rows[0], reruns(tmp_path))
+    assert a["refined_mean"] == 71.0 and a["score"] == 72.0  # not 90: the screen is left out
+    again = []  # kept: a second refine runs nothing
+    refine(tmp_path, rows, configs, 2, _fake_run(scores, again), lambda line: None, iters=200)
+    assert again == []
+
+
+def test_refine_iters_equal_to_the_trials_is_plain_refinement(tmp_path):
+    rows = [_row(tmp_path, "a", 82.0)]
+    calls = []
+    refine(tmp_path, rows, {"a": _screen_config("a")}, 1, _fake_run({("a", 1): 80.0}, calls), print, iters=50)
+    assert "screened" not in calls[0] and calls[0]["ptq.recon.iters"] == 50
+    top = with_reruns(rows[0], reruns(tmp_path))
+    assert top["refined_mean"] == 81.0 and not top["refined_screened"]
+
+
+def test_a_screen_time_estimate_scales_with_the_longer_reruns(tmp_path):
+    rows = [{**_row(tmp_path, "a", 82.0), "seconds": 10.0}]
+    calls, log = [], []
+    run = _fake_run({("a", 1): 80.0}, calls)
+    refine(tmp_path, rows, {"a": _screen_config("a")}, 1, run, log.append, time_left=30.0, iters=200)
+    assert calls == [] and "not refining" in log[-1]  # 4x the steps: about 40 s > 30 s
