@@ -39,6 +39,21 @@ def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
                           reduction="batchmean")))  # fmt: skip
 
 
+def _float_copy(model: nn.Module, batches: Iterable, bits: Sequence[int], what: str, device) -> tuple:
+    """The batches on ``device``, an eval copy of ``model`` and its logits on them (bits checked)."""
+    for k in bits:
+        check_bits(k, what)
+    data = as_batches(batches, device)
+    p = copy.deepcopy(model).eval()
+    return data, p, [p(x) for x in data]
+
+
+def _mean_kl(p: nn.Module, refs: Sequence[torch.Tensor], data: Sequence[torch.Tensor]) -> float:
+    """The KL of ``p``'s outputs from ``refs``, averaged over every sample of ``data``."""
+    kls = [_kl(r, p(x)) * len(x) for r, x in zip(refs, data, strict=True)]
+    return sum(kls) / sum(len(x) for x in data)
+
+
 @torch.no_grad()
 def zeroq_sensitivity(
     model: nn.Module,
@@ -47,11 +62,7 @@ def zeroq_sensitivity(
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[int, float]]:
     """Ω_i(k) for every Conv2d/Linear layer i of ``model`` (left untouched) and every k in ``bits``."""
-    for k in bits:
-        check_bits(k, "sensitivity bits")
-    data = as_batches(batches, device)
-    p = copy.deepcopy(model).eval()
-    refs = [p(x) for x in data]
+    data, p, refs = _float_copy(model, batches, bits, "sensitivity bits", device)
     out: dict[str, dict[int, float]] = {}
     for info in trace_layers(p, data[0][:1]):
         layer = p.get_submodule(info.name)
@@ -59,8 +70,7 @@ def zeroq_sensitivity(
         out[info.name] = {}
         for k in bits:
             layer.weight.copy_(WeightQuantizer(k, original.shape[0], "mse").quantize(original))
-            kls = [_kl(r, p(x)) * len(x) for r, x in zip(refs, data, strict=True)]
-            out[info.name][k] = sum(kls) / sum(len(x) for x in data)
+            out[info.name][k] = _mean_kl(p, refs, data)
         layer.weight.copy_(original)
     return out
 
@@ -101,11 +111,7 @@ def act_sensitivity(
     """Ω^a_i(a) (module docstring) for every Conv2d/Linear layer i of ``model`` (left untouched) but
     those in ``skip`` (e.g. a layer reading the model's input, which stays float), at every a in
     ``bits``."""
-    for k in bits:
-        check_bits(k, "activation sensitivity bits")
-    data = as_batches(batches, device)
-    p = copy.deepcopy(model).eval()
-    refs = [p(x) for x in data]
+    data, p, refs = _float_copy(model, batches, bits, "activation sensitivity bits", device)
     names = [i.name for i in trace_layers(p, data[0][:1]) if i.name not in set(skip)]
     samples = _input_samples(p, names, data)
     out: dict[str, dict[int, float]] = {}
@@ -119,10 +125,9 @@ def act_sensitivity(
                 lambda _m, args, s=scale, z=zp, b=k: (fake_quant(args[0], s, z, b), *args[1:])
             )
             try:
-                kls = [_kl(r, p(x)) * len(x) for r, x in zip(refs, data, strict=True)]
+                out[name][k] = _mean_kl(p, refs, data)
             finally:
                 handle.remove()
-            out[name][k] = sum(kls) / sum(len(x) for x in data)
     return out
 
 
