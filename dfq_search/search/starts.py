@@ -113,8 +113,8 @@ def ilp_plan(
     adds for it, so the two always agree. None when no assignment fits."""
     from dfq_search.ptq.ilp import allocate_ilp
 
-    edge = {i.name for i in plans.layers if i.reads_model_input}  # its input stays float: a is moot
-    acts = {c.name: c.a if act_omega and c.name not in edge else c.a[-1:] for c in plans.choices}
+    known = act_omega or {}  # a layer without Ω^a (one reading the float image) keeps its highest a
+    acts = {c.name: c.a if c.name in known else c.a[-1:] for c in plans.choices}
     pairs = {c.name: [LayerBits(w, a) for w in c.w for a in acts[c.name]] for c in plans.choices}
     base = {n: min(ps, key=lambda b: (b.w, b.a)) for n, ps in pairs.items()}
     keys = [key for key, _ in plans.limits.values()]
