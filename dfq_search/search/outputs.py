@@ -110,9 +110,11 @@ def finalize(
 
 
 def verdict(result: CampaignResult, meta: dict[str, Any]) -> str | None:
-    """One sentence: what the best plan gained over the uniform warm start, and on which images."""
+    """One sentence: what the best plan gained over the uniform warm start (the largest uniform plan
+    that fits the budget, when several do), and on which images."""
     top = result.best
-    uniform = next((r for name, r in result.marks.items() if name.startswith("uniform")), None)
+    uniforms = [r for name, r in result.marks.items() if name.startswith("uniform")]
+    uniform = max(uniforms, key=lambda r: r["size_kib"], default=None)
     if top is None or uniform is None:
         return None
     metric = meta.get("objective", "score")

@@ -35,7 +35,9 @@ def _row(trial: str, score: float, size: float, **extra) -> dict:
 def test_the_output_names_the_score_and_says_which_run_the_best_row_is(tmp_path: Path) -> None:
     best = _row("b1", -0.70, 7.13, refined_mean=-0.71, refined_runs=3, refined_seed=2, test_top1=98.33)
     uniform = _row("u1", -0.98, 8.82, refined_mean=-0.98, refined_runs=3, test_top1=97.78)
-    result = CampaignResult(tmp_path, [best, uniform], [best], best, marks={"uniform-w3/4": uniform})
+    smaller = _row("u2", -3.5, 5.9, refined_mean=-3.4, refined_runs=3, test_top1=80.0)  # also fits
+    marks = {"uniform-w2/4": smaller, "uniform-w3/4": uniform}  # the larger is the reference
+    result = CampaignResult(tmp_path, [best, uniform, smaller], [best], best, marks=marks)
     lines: list[str] = []
     meta = {"objective": "mse", "test_data": "digits test split"}
     _print(result, lines.append, meta)
