@@ -131,6 +131,8 @@ def with_reruns(row: dict[str, Any], again: dict[str, list[dict[str, Any]]]) -> 
     the shipped run are its reruns' alone."""
     kept = again.get(row["trial"], [])
     screened = any(r.get(SCREENED) for r in kept)
+    if screened:  # reruns kept from a refinement at the trial's own steps (before a resume) do not count
+        kept = [r for r in kept if r.get(SCREENED)]
     runs = [*([] if screened else [{**row, "seed": None}]), *kept]
     if not screened and len(runs) == 1:
         return row
