@@ -160,3 +160,12 @@ def test_a_screen_time_estimate_scales_with_the_longer_reruns(tmp_path):
     run = _fake_run({("a", 1): 80.0}, calls)
     refine(tmp_path, rows, {"a": _screen_config("a")}, 1, run, log.append, time_left=30.0, iters=200)
     assert calls == [] and "not refining" in log[-1]  # 4x the steps: about 40 s > 30 s
+
+
+def test_a_screened_mean_leaves_out_reruns_kept_from_a_plain_refinement(tmp_path):
+    rows = [_row(tmp_path, "a", 90.0)]
+    configs = {"a": _screen_config("a")}
+    refine(tmp_path, rows, configs, 1, _fake_run({("a", 1): 60.0}, []), print)  # at the trial's 50 steps
+    refine(tmp_path, rows, configs, 1, _fake_run({("a", 1): 80.0}, []), print, iters=200)  # resumed
+    top = with_reruns(rows[0], reruns(tmp_path))
+    assert top["refined_screened"] and top["refined_mean"] == 80.0 and top["refined_runs"] == 1
