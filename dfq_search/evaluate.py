@@ -14,6 +14,7 @@ from torch import nn
 
 from dfq_search.data.image_data import ImageData
 from dfq_search.errors import DfqError
+from dfq_search.layout import fast_input
 from dfq_search.models.base import Preprocess
 
 # Measured on 2 CPU cores (CIFAR ResNet-20, 10k images): 128 beat 64, 256 and 500; small batches
@@ -41,15 +42,15 @@ def predict(
 ) -> torch.Tensor:
     """The argmax class of every image, int64 [N] on CPU, with ``model`` in eval mode.
 
-    The model's train/eval flags are restored afterwards. Inputs go in channels_last memory
-    format, which is faster for CPU convolutions (oneDNN) and harmless elsewhere.
+    The model's train/eval flags are restored afterwards. CPU inputs go in channels_last memory
+    format where the model takes it (:mod:`dfq_search.layout`).
     """
     _check_device(model, device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         preds = [
-            model(x.contiguous(memory_format=torch.channels_last)).argmax(1).cpu()
+            model(fast_input(model, x)).argmax(1).cpu()
             for x, _ in data.batches(preprocess, batch_size, device)
         ]
     finally:

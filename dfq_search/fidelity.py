@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfq_search.layout import fast_input
+
 METRICS = ("kl", "agreement", "mse")
 
 
@@ -31,7 +33,7 @@ def logits(
     model.eval()
     try:
         out = [
-            model(images[i : i + batch_size].to(device)).float().cpu()
+            model(fast_input(model, images[i : i + batch_size].to(device))).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     finally:

@@ -47,14 +47,14 @@ def test_evaluator_computes_the_reference_once_and_restores_modes():
     data = _data()
     calls = []
     ref = Constant(1)
-    ref.register_forward_hook(lambda *args: calls.append(1))
+    ref.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     evaluator = Evaluator(data, P, reference=ref, batch_size=4)
-    assert len(calls) == 3  # 10 images in batches of 4
+    assert calls == [1, 4, 4, 2]  # the layout probe (one image, dfq_search.layout), then 10 in 4s
     model = Constant(1).train()
     result = evaluator(model)
     assert (result.top1, result.agreement) == (30.0, 100.0)
     evaluator(Constant(0))
-    assert len(calls) == 3 and model.training
+    assert len(calls) == 4 and model.training
 
 
 def test_real_model_agrees_with_itself():

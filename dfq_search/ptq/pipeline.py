@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dfq_search.errors import DfqError
+from dfq_search.layout import fast_input
 from dfq_search.ptq.calibrate import as_batches, calibrate_ranges_, reestimate_bn_
 from dfq_search.ptq.config import PTQConfig, ReconConfig
 from dfq_search.ptq.guard import guard, heldout_images
@@ -97,18 +98,36 @@ def reconstruct_(
     groups: Sequence[Sequence[int]], config: ReconConfig, progress: Progress | None = None,
 ) -> list[ChainRecord]:  # fmt: skip
     """Reconstruct ``q``'s units group by group (each group a chain of unit indices), in order;
-    ``progress(done, total, q)`` is called after each group."""
-    records = []
+    ``progress(done, total, q)`` is called after each group.
+
+    A group's input and target are captured by running Q and P up to it, unless the group before feeds
+    it directly (``Unit.feeds_next``): then they are that group's stored input and target run through
+    its reconstructed Q modules and this group's P modules (one unit's compute, not the model's prefix:
+    the captures were a sixth of a ResNet-20 trial).
+    """
+    records, carried = [], None
     for done, group in enumerate(groups, 1):
         chain = [units[i] for i in group]
-        x = capture(q, chain[0], data, "input")
-        y = capture(p, chain[-1], data, "output")
+        if carried is None:
+            x = capture(q, chain[0], data, "input")
+            y = capture(p, chain[-1], data, "output")
+        else:
+            x, y = carried[0], _run([_unit_module(p, u) for u in chain], carried[1])
         modules = [_unit_module(q, u) for u in chain]
         records.append(reconstruct_chain_(modules, [u.name for u in chain], x, y, config))
+        feeds = done < len(groups) and chain[-1].feeds_next and groups[done][0] == group[-1] + 1
+        carried = (_run(modules, x), y) if feeds else None
         del x, y
         if progress is not None:
             progress(done, len(groups), q)
     return records
+
+
+@torch.no_grad()
+def _run(modules: Sequence[nn.Module], x: Tensor, batch_size: int = 256) -> Tensor:
+    """``modules`` applied one after another to ``x``, in eval mode, ``batch_size`` rows at a time."""
+    chain = Chain(modules).eval()
+    return torch.cat([chain(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def _check_config(config: QuantConfig) -> None:
@@ -144,6 +163,7 @@ def run_ptq(
     data = as_batches(batches, device)
     held = heldout_images(heldout) if heldout is not None else None
     p.eval()
+    data = [fast_input(p, x) for x in data]  # captures, calibration and reconstruction in P's layout
     units = find_units(p, data[0][:1])  # P's units are Q's: layers are swapped in place
     check_k(units, config.modcap_k)
     groups = named_chains(units, config.merges) if config.merges else [[i] for i in range(len(units))]

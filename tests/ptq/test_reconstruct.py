@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dfq_search.ptq import PTQConfig, ReconConfig, find_units, reconstruct_
@@ -71,3 +72,33 @@ def test_pipeline_config_rejects_unknown_keys():
         ReconConfig.from_dict({"iter": 10})
     cfg = PTQConfig.from_dict({"modcap_k": 2, "recon": {"iters": 7}})
     assert cfg.recon.iters == 7 and PTQConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_fed_group_starts_from_the_stored_outputs_not_new_captures(tiny, batches, ptq_plan, monkeypatch):
+    """Units that feed the next one pass their stored input and target on (no prefix is rerun), and
+    the reconstruction is the one that captures from the whole models."""
+    import copy
+    import dataclasses
+
+    from dfq_search.ptq import pipeline
+
+    q = _q(tiny, batches, ptq_plan)
+    units = find_units(q, batches[0][:1])
+    assert [u.feeds_next for u in units] == [False, True, True, False]
+    cut = [dataclasses.replace(u, feeds_next=False) for u in units]
+    calls = []
+    real = pipeline.capture
+    monkeypatch.setattr(pipeline, "capture", lambda m, u, d, w: calls.append(u.name) or real(m, u, d, w))
+    groups = [[0], [1], [2], [3]]
+    q_cut = copy.deepcopy(q)
+    fed = reconstruct_(q, tiny.model, batches, units, groups, ReconConfig(iters=5))
+    assert calls == ["stem.0", "stem.0", "block1", "block1"]  # block2 and head.2 carried on
+    calls.clear()
+    captured = reconstruct_(q_cut, tiny.model, batches, cut, groups, ReconConfig(iters=5))
+    assert len(calls) == 8
+    for a, b in zip(fed, captured, strict=True):
+        assert a.loss_before == pytest.approx(b.loss_before, rel=1e-4, abs=1e-7)
+        assert a.loss_after == pytest.approx(b.loss_after, rel=1e-4, abs=1e-7)
+    for (name, w1), w2 in zip(q.state_dict().items(), q_cut.state_dict().values(), strict=True):
+        if w1.is_floating_point():
+            torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-5, msg=name)

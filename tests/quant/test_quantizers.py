@@ -162,3 +162,21 @@ def test_fused_inference_path_matches_training_path():
     # identical but for ties in rounding (x * 1/s versus x / s): at most one step on a few values
     assert (fused - slow).abs().max() <= q.scale.item() * 1.0001
     assert (fused != slow).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_inference_path_is_the_fused_kernel_bit_for_bit(bits):
+    """The CPU inference path (in-place steps) computes what torch's fused kernel does, ties included."""
+    gen = torch.Generator().manual_seed(bits)
+    q = ActQuantizer(bits, "minmax")
+    x = torch.randn(8, 4, 6, 6, generator=gen) * 3
+    q(x)
+    q.freeze()
+    scale = q.scale.detach().abs()
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * scale  # halfway cases: rounded to even
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = q(x)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, q.zero_point.to(torch.int32), 0, 2**bits - 1)
+    assert torch.equal(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
