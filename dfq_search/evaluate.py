@@ -14,7 +14,7 @@ from torch import nn
 
 from dfq_search.data.image_data import ImageData
 from dfq_search.errors import DfqError
-from dfq_search.layout import fast_input
+from dfq_search.layout import eval_mode, fast_input
 from dfq_search.models.base import Preprocess
 
 # Measured on 2 CPU cores (CIFAR ResNet-20, 10k images): 128 beat 64, 256 and 500; small batches
@@ -46,16 +46,11 @@ def predict(
     format where the model takes it (:mod:`dfq_search.layout`).
     """
     _check_device(model, device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         preds = [
             model(fast_input(model, x)).argmax(1).cpu()
             for x, _ in data.batches(preprocess, batch_size, device)
         ]
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfq_search.layout import fast_input
+from dfq_search.layout import eval_mode, fast_input
 
 METRICS = ("kl", "agreement", "mse")
 
@@ -29,16 +29,11 @@ def logits(
     """``model``'s outputs on ``images``, float32 on CPU, in eval mode (every module's train flag is
     restored afterwards), ``batch_size`` images at a time on ``device`` (default: the model's)."""
     device = device if device is not None else next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         out = [
             model(fast_input(model, images[i : i + batch_size].to(device))).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(out)
 
 
