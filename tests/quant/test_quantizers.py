@@ -11,6 +11,7 @@ from dfq_search.quant.quantizers import (
     mse_range,
     qparams,
     round_ste,
+    step_quant,
 )
 
 
@@ -180,3 +181,34 @@ def test_inference_path_is_the_fused_kernel_bit_for_bit(bits):
     ref = torch.fake_quantize_per_tensor_affine(x, scale, q.zero_point.to(torch.int32), 0, 2**bits - 1)
     assert torch.equal(out, ref)
     assert out.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_step_quant_matches_the_autograd_composite(bits):
+    """step_quant (the frozen activation's training path) gives fake_quant's values bit for bit and its
+    gradients for x and the step size, with values clipped on both sides, on the grid's ends and at
+    rounding ties; the layout is kept."""
+    gen = torch.Generator().manual_seed(bits)
+    x0 = (torch.randn(6, 5, 4, 4, generator=gen) * 4).contiguous(memory_format=torch.channels_last)
+    scale, zp = torch.tensor(0.3), torch.tensor(float(2 ** (bits - 1)))
+    x0[0, :, 0, 0] = torch.tensor([-zp, 2**bits - 1 - zp, 0.5, 1.5, -2.5]) * scale  # ends and ties
+    grad = torch.randn(x0.shape, generator=gen)
+    results = []
+    for fn in (fake_quant, step_quant):
+        x, s = x0.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        out = fn(x, s.abs(), zp, bits)
+        (out * grad).sum().backward()
+        results.append((out.detach(), x.grad, s.grad))
+    (ref, ref_gx, ref_gs), (out, gx, gs) = results
+    assert torch.equal(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(gx, ref_gx, rtol=1e-6, atol=1e-7)
+    assert (gx == 0).sum() > 0 and (gx != 0).sum() > 0  # both clipped and passed values were tried
+    assert torch.allclose(gs, ref_gs, rtol=1e-5, atol=1e-5)
+
+
+def test_step_quant_skips_gradients_nobody_asked_for():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = step_quant(x, torch.tensor(0.1), torch.tensor(3.0), 3)  # a step size that is not learned
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
