@@ -33,6 +33,7 @@ from dfq_search.ptq.config import PTQConfig, ReconConfig
 from dfq_search.ptq.guard import guard, heldout_images
 from dfq_search.ptq.modcap import check_k, data_capacity, data_free_capacity, modcap_chains, named_chains
 from dfq_search.ptq.reconstruct import Chain, ChainRecord, reconstruct_chain_
+from dfq_search.ptq.reuse import UnitStore, group_keys, run_context
 from dfq_search.ptq.units import Unit, capture, find_units, unit_errors
 from dfq_search.quant import PROTOCOLS, BitPlan, QuantConfig, quantized_copy
 
@@ -96,6 +97,7 @@ def _unit_module(q: nn.Module, unit: Unit) -> nn.Module:
 def reconstruct_(
     q: nn.Module, p: nn.Module, data: Sequence[Tensor], units: Sequence[Unit],
     groups: Sequence[Sequence[int]], config: ReconConfig, progress: Progress | None = None,
+    reuse: tuple[UnitStore, Sequence[str]] | None = None,
 ) -> list[ChainRecord]:  # fmt: skip
     """Reconstruct ``q``'s units group by group (each group a chain of unit indices), in order;
     ``progress(done, total, q)`` is called after each group.
@@ -103,21 +105,30 @@ def reconstruct_(
     A group's input and target are captured by running Q and P up to it, unless the group before feeds
     it directly (``Unit.feeds_next``): then they are that group's stored input and target run through
     its reconstructed Q modules and this group's P modules (one unit's compute, not the model's prefix:
-    the captures were a sixth of a ResNet-20 trial).
+    the captures were a sixth of a ResNet-20 trial). ``reuse``: a store and every group's key
+    (:func:`~dfq_search.ptq.reuse.group_keys`); a group found there is loaded, not reconstructed, and
+    one reconstructed is kept there.
     """
     records, carried = [], None
     for done, group in enumerate(groups, 1):
         chain = [units[i] for i in group]
-        if carried is None:
-            x = capture(q, chain[0], data, "input")
-            y = capture(p, chain[-1], data, "output")
+        named = {m: q.get_submodule(m) for u in chain for m in u.modules}
+        if reuse is not None and (record := reuse[0].load(reuse[1][done - 1], named)) is not None:
+            records.append(record)
+            carried = None
         else:
-            x, y = carried[0], _run([_unit_module(p, u) for u in chain], carried[1])
-        modules = [_unit_module(q, u) for u in chain]
-        records.append(reconstruct_chain_(modules, [u.name for u in chain], x, y, config))
-        feeds = done < len(groups) and chain[-1].feeds_next and groups[done][0] == group[-1] + 1
-        carried = (_run(modules, x), y) if feeds else None
-        del x, y
+            if carried is None:
+                x = capture(q, chain[0], data, "input")
+                y = capture(p, chain[-1], data, "output")
+            else:
+                x, y = carried[0], _run([_unit_module(p, u) for u in chain], carried[1])
+            modules = [_unit_module(q, u) for u in chain]
+            records.append(reconstruct_chain_(modules, [u.name for u in chain], x, y, config))
+            if reuse is not None:
+                reuse[0].save(reuse[1][done - 1], named, records[-1])
+            feeds = done < len(groups) and chain[-1].feeds_next and groups[done][0] == group[-1] + 1
+            carried = (_run(modules, x), y) if feeds else None
+            del x, y
         if progress is not None:
             progress(done, len(groups), q)
     return records
@@ -147,6 +158,7 @@ def run_ptq(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     heldout: Tensor | Iterable | None = None,
+    reuse: UnitStore | None = None,
 ) -> PTQResult:
     """Quantize a copy of ``p`` under ``plan`` and calibrate/reconstruct it on ``batches``.
 
@@ -154,7 +166,9 @@ def run_ptq(
     and after each reconstructed group of units (a search reports intermediate fidelities with it).
     ``heldout``: images (a tensor, or batches) kept apart from ``batches``; with ``config.guard`` and
     ``config.reconstruct`` the reconstructed model is checked against the round-to-nearest one on them
-    and the more faithful one is returned (see the module docstring).
+    and the more faithful one is returned (see the module docstring). ``reuse``: a store of earlier
+    runs' reconstructed groups (:mod:`dfq_search.ptq.reuse`); groups whose plan, settings, data and
+    predecessors match an entry are loaded from it instead of reconstructed.
     """
     config = config or PTQConfig()
     quant_config = quant_config or PROTOCOLS["ptq"].config
@@ -182,7 +196,11 @@ def run_ptq(
         if progress is not None:
             progress(0, len(groups), q)
         rtn = copy.deepcopy(q) if config.guard and held is not None else None  # the RTN start
-        result.records = reconstruct_(q, p, data, units, groups, config.recon, progress)
+        keys = None
+        if reuse is not None:
+            context = run_context(p, data, config, quant_config, torch.device(device).type)
+            keys = (reuse, group_keys(q, units, groups, context, data[0][:1]))
+        result.records = reconstruct_(q, p, data, units, groups, config.recon, progress, keys)
         if rtn is not None:
             q = result.model = _guarded(result, p, rtn, q, held)
     result.unit_errors = unit_errors(q, p, units, data)

@@ -31,12 +31,14 @@ from dfq_search.quant.quantizers import ActQuantizer
 
 @dataclass(frozen=True)
 class ChainRecord:
-    """What one reconstructed chain did: its units, loss (reconstruction term) before/after, seconds."""
+    """What one reconstructed chain did: its units, loss (reconstruction term) before/after, seconds;
+    ``reused``: loaded from an earlier run's identical reconstruction (:mod:`dfq_search.ptq.reuse`)."""
 
     units: tuple[str, ...]
     loss_before: float
     loss_after: float
     seconds: float
+    reused: bool = False
 
 
 def rec_loss(out: Tensor, target: Tensor) -> Tensor:

@@ -322,6 +322,7 @@ def prepare(
         preprocess=bundle.preprocess,
         memo=str(run_dir / "memo"),
         heldout=samples.heldout,
+        units=str(run_dir / "units"),
     )
     hessian = None
     if "hessian" in space.search.warm_start:

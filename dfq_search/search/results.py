@@ -75,6 +75,7 @@ def result_rows(records: Sequence[TrialRecord], reports: int) -> list[dict[str, 
             "wall_s": _plain(m.get("time_total_s")),
             "replayed": bool(m.get("replayed")),  # a repeated config, replayed from an earlier trial
             "guard_kept": m.get("guard_kept"),  # PTQ's guard: "reconstructed" or "rtn" (None: not run)
+            "reused_units": _plain(m.get("reused_units")),  # groups loaded from earlier trials' (PTQ)
             "reports": json.dumps(history),
             "plan": json.dumps(config.get("plan", {})),
             "params": json.dumps({k: v for k, v in config.items() if k not in ("plan", "cost", "feasible")}),

@@ -57,6 +57,7 @@ class TrialContext:
     preprocess: Any = None  # P's Preprocess, kept in the checkpoints (a user model needs it to rebuild)
     memo: str | None = None  # folder of finished trials' results by config: a repeated config is replayed
     heldout: Tensor | None = None  # held-out synthetic images, never calibrated on (PTQ's guard)
+    units: str | None = None  # folder of reconstructed groups that later trials with the same prefix load
 
     def calibration_images(self) -> Tensor:
         return self.calib if self.calib is not None else self.draw(self.calibration)
@@ -188,20 +189,27 @@ class _Trial:
 
     def _ptq(self, p: nn.Module, levels: int) -> nn.Module:
         from dfq_search.ptq import run_ptq
+        from dfq_search.ptq.reuse import UnitStore
 
         cfg = ptq_config(knobs_of(self.config, "ptq"), int(self.config.get("seed", 0)))
         start, marks = self.level, []
 
+        store = UnitStore(self.ctx.units) if self.ctx.units else None
+
         def progress(done: int, total: int, q: nn.Module) -> None:
             nonlocal marks
             marks = marks or _marks(total, levels)
+            if store is not None:
+                self.extra["reused_units"] = store.hits
             if done in marks and done < total and self.level - start < levels:
                 self.emit(q)
 
         batches = list(torch.split(self.ctx.calibration_images(), 64))
         result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress,
-                         heldout=self.ctx.heldout)  # fmt: skip
+                         heldout=self.ctx.heldout, reuse=store)  # fmt: skip
         self.extra = {"oscillation": result.oscillation, "rise": result.rise}
+        if store is not None:
+            self.extra["reused_units"] = store.hits
         if result.guard is not None:  # "rtn" when reconstruction lost fidelity on the held-out images
             self.extra["guard_kept"] = result.guard["kept"]
         return result.model

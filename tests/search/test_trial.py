@@ -249,3 +249,18 @@ def test_intermediate_marks():
     assert _marks(10, 2) == [4, 7]
     assert _marks(3, 0) == []
     assert all(0 < m < 100 for m in _marks(100, 9))
+
+
+def test_a_trial_loads_the_groups_an_earlier_trial_reconstructed_with_the_same_prefix(tiny, tmp_path):
+    ctx = _ctx(tiny)
+    ctx.units = str(tmp_path / "units")
+    config = _config(tiny)
+    first = run_trial(config, ctx, Recorder())
+    assert first["reused_units"] == 0
+    plan = {**config["plan"], "block2.body.1.0": {"w": 2, "a": 4}}  # a layer of the third unit
+    later = Recorder()
+    second = run_trial({**config, "plan": plan}, ctx, later)
+    assert second["reused_units"] == 2  # the stem and block1, reconstructed once
+    assert [m.get("reused_units") for m, _ in later.calls][-1] == 2
+    ctx.units = None
+    assert run_trial({**config, "plan": plan}, ctx, Recorder())["score"] == second["score"]
