@@ -57,6 +57,9 @@ def campaign_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", type=int, default=None,
                    help="reports per trial (the fidelities ASHA can stop a trial at; 1: no early stopping); "
                         "default: the space file's")  # fmt: skip
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="part of half A an intermediate report scores (the last one scores all of it); "
+                        "default: the space file's")  # fmt: skip
     p.add_argument("--storage", type=Path, default=Path("runs/benchmarks"))
     p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--warm-start", nargs="+", default=["uniform", "sensitivity", "hessian"],
@@ -108,6 +111,8 @@ def space_for(args, budget: int, sampler: str, seed: int):
     raw["objective"] |= {"metric": "top1"}
     if args.reports is not None:
         raw["objective"]["reports"] = args.reports
+    if args.eval_fraction is not None:
+        raw["objective"]["eval_fraction"] = args.eval_fraction
     if args.refine_top is not None:
         raw["search"]["refine_top"] = args.refine_top
     if args.refine_iters is not None:
