@@ -29,6 +29,7 @@ from dfq_search.checkpoint import save_quantized
 from dfq_search.fingerprint import config_hash
 from dfq_search.quant import PROTOCOLS, BitPlan
 from dfq_search.search.method import game_config, ptq_config
+from dfq_search.search.space import Objective, Samples
 
 Report = Callable[[dict[str, Any], Path | None], None]
 INFEASIBLE_SCORE = -1e3  # what an over-budget plan scores (it is never computed); TPE only ranks
@@ -49,11 +50,11 @@ class TrialContext:
     input_shape: tuple[int, int, int]
     calib: Tensor | None  # calibration images (P's input space), or None to draw them
     scorer: Any  # FidelityScorer | LabelledScorer
-    reports: int = 3
-    eval_fraction: float = 0.5
+    reports: int = Objective.reports  # the space's defaults: one source for each setting
+    eval_fraction: float = Objective.eval_fraction
     device: str = "cpu"
     draw: Callable[[int], Tensor] | None = None  # n -> samples from the campaign's shared buffer
-    calibration: int = 256  # how many to draw
+    calibration: int = Samples.calibration  # how many to draw
     preprocess: Any = None  # P's Preprocess, kept in the checkpoints (a user model needs it to rebuild)
     memo: str | None = None  # folder of finished trials' results by config: a repeated config is replayed
     heldout: Tensor | None = None  # held-out synthetic images, never calibrated on (PTQ's guard)
