@@ -21,9 +21,11 @@ METHOD_FLAGS = ("samples", "modcap_k", "recon_iters", "finetune_preset", "finetu
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (default rtn: round-to-nearest, calibrated by --calib)")
-    g.add_argument("--method", default="rtn", choices=["rtn", "ptq", "finetune", "ptq+finetune"],
+    methods = ["rtn", "ptq", "finetune", "ptq+finetune", "ptq+distill"]
+    g.add_argument("--method", default="rtn", choices=methods,
                    help="ptq: AdaRound/BRECQ reconstruction (ModCap with --modcap-k); finetune: "
-                   "a data-free game (--finetune-preset); ptq+finetune: the game after ptq")  # fmt: skip
+                   "a data-free game (--finetune-preset); ptq+finetune: the game after ptq; ptq+distill: "
+                   "end-to-end distillation to P on the samples after ptq (--set distill.*)")  # fmt: skip
     g.add_argument("--samples", help=f"what the method calibrates on: {SAMPLE_SOURCES} (default "
                    "direct: images synthesized from the model's BN statistics; real:DIR: the real-data "
                    "reference)")  # fmt: skip
@@ -35,8 +37,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout", type=int, help="held-out samples for the label-free score and PTQ's guard "
                    "(default 256)")  # fmt: skip
     g.add_argument("--set", nargs="+", metavar="PATH=VALUE", help="any other setting by path: ptq.<path of "
-                   "PTQConfig>, finetune.<path of the game's config>, direct.<DirectConfig field>, e.g. "
-                   "ptq.recon.qdrop=0.5 finetune.train.q_lr=1e-5 direct.bn_relative=true")  # fmt: skip
+                   "PTQConfig>, finetune.<path of the game's config>, distill.<DistillConfig field>, "
+                   "direct.<DirectConfig field>, e.g. ptq.recon.qdrop=0.5 finetune.train.q_lr=1e-5 "
+                   "distill.lr=1e-4 direct.bn_relative=true")  # fmt: skip
 
 
 def check_method_args(args: argparse.Namespace) -> None:
@@ -46,7 +49,7 @@ def check_method_args(args: argparse.Namespace) -> None:
         if given:
             flag = f"--{given[0].replace('_', '-')}"
             raise DfqError(f"{flag} with --method rtn", getattr(args, given[0]),
-                           "method flags with --method ptq, finetune or ptq+finetune",
+                           "method flags with --method ptq, finetune, ptq+finetune or ptq+distill",
                            f"drop {flag}, or pass --method ptq")  # fmt: skip
     elif args.calib is not None:
         raise DfqError(f"--calib with --method {args.method}", args.calib,
@@ -55,12 +58,12 @@ def check_method_args(args: argparse.Namespace) -> None:
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {"ptq": {}, "finetune": {}, "direct": {}}
+    out: dict[str, dict[str, Any]] = {"ptq": {}, "finetune": {}, "distill": {}, "direct": {}}
     for pair in pairs or []:
         key, eq, raw = pair.partition("=")
         part, dot, path = key.partition(".")
         if not eq or not dot or part not in out or not path:
-            raise DfqError("--set", pair, "PART.PATH=VALUE with PART ptq, finetune or direct",
+            raise DfqError("--set", pair, "PART.PATH=VALUE with PART ptq, finetune, distill or direct",
                            "e.g. --set ptq.recon.qdrop=0.5")  # fmt: skip
         out[part][path] = yaml.safe_load(raw)
     return out
@@ -103,7 +106,7 @@ def method_of(args: argparse.Namespace) -> Any:
         direct=DirectConfig.from_dict(sets["direct"], "--set direct"),
         seed=args.seed,
     )
-    return Method(args.method, ptq, fine, samples, args.seed)
+    return Method(args.method, ptq, fine, samples, args.seed, distill=sets["distill"])
 
 
 def real_images(args: argparse.Namespace, preprocess: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -360,6 +360,24 @@ def _c_quantize_finetune_without_length(t):
     )
 
 
+def _c_quantize_distill_setting_misspelt(t):
+    return Case(
+        [
+            "quantize",
+            "--method",
+            "ptq+distill",
+            "--bits",
+            "W4A4",
+            "--set",
+            "distill.learning_rate=1e-4",
+            "--out",
+            str(t / "q.pt"),
+        ],
+        ("distill: unknown settings", "learning_rate", "temperature"),
+        absent=[t / "q.pt"],
+    )
+
+
 def _c_quantize_unknown_samples(t):
     return Case(
         ["quantize", "--method", "ptq", "--samples", "banks:x", "--bits", "W4A4", "--out", str(t / "q.pt")],

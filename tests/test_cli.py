@@ -222,6 +222,12 @@ def test_quantize_with_a_data_free_method_writes_what_eval_reads(capsys, tmp_pat
     )
     assert code == 0 and both.is_file() and _table(out)["method"] == "ptq+finetune", err
 
+    distilled = tmp_path / "distilled.pt"
+    code, out, err = run_cli(capsys, "quantize", "--method", "ptq+distill", "--recon-iters", "5", *fast,
+                             "--set", "distill.steps=4", "distill.batch_size=8", "distill.lr=1e-3",
+                             "--out", str(distilled))  # fmt: skip
+    assert code == 0 and distilled.is_file() and _table(out)["method"] == "ptq+distill", err
+
 
 def test_quantize_on_generator_samples_keeps_them_in_a_bank(capsys, tmp_path):
     fast = ["--bits", "W4A4", "--calib-images", "16", "--heldout", "8", "--recon-iters", "2", "--no-eval"]

@@ -237,6 +237,7 @@ class PlanSpace:
         """Uniform plans that fit the budget, by common weight bits (highest fitting activations each);
         layers that cannot take the bits keep their closest choice (e.g. a pinned first/last layer)."""
         common = sorted({w for c in self.choices for w in c.w if len(c.w) > 1}, reverse=True)
+        common = common or [min(w for c in self.choices for w in c.w)]  # one plan: it is the uniform one
         acts = sorted({a for c in self.choices for a in c.a}, reverse=True)
         out = []
         for w in common:

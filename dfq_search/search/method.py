@@ -31,12 +31,13 @@ from dfq_search.config_paths import nest
 from dfq_search.errors import DfqError
 from dfq_search.search.knobs import Knob, one_of, parse_knob
 
-KINDS = ("ptq", "qat", "ptq+qat")
+KINDS = ("ptq", "qat", "ptq+qat", "ptq+distill")
+PARTS = ("ptq", "qat", "distill")  # the method sections a kind can run
 PRESET, DEFAULT_PRESET = "preset", "adadfq"
 # the trial's own game settings, under the knobs: no log lines from a worker, no lr steps in its short run
 TRIAL_GAME = {"train.log_every": 0, "train.q_lr_milestones": []}
 # set by the campaign for every trial (its seed, other seeds in refinement): never a knob
-CAMPAIGN_SET = {"ptq": ("recon.seed",), "qat": ("train.seed",)}
+CAMPAIGN_SET = {"ptq": ("recon.seed",), "qat": ("train.seed",), "distill": ("seed",)}
 # the short names of the knobs before they were config paths (issue 15): refused with the new path
 RENAMED = {
     "ptq": {"iters": "recon.iters", "batch_size": "recon.batch_size", "lam": "recon.lam",
@@ -46,6 +47,7 @@ RENAMED = {
             "lambda_l": "sample_loss.lambda_l", "lambda_u": "sample_loss.lambda_u",
             "disagree": "sample_loss.weights.disagree", "agree": "sample_loss.weights.agree",
             "bns": "sample_loss.weights.bns"},
+    "distill": {},
 }  # fmt: skip
 MAX_COMBINATIONS = 4096
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -65,6 +67,28 @@ def game_config(knobs: Mapping[str, Any], seed: int = 0) -> Any:
 
     paths = {k: v for k, v in knobs.items() if k != PRESET}
     return load_config(knobs.get(PRESET, DEFAULT_PRESET), paths={**TRIAL_GAME, **paths, "train.seed": seed})
+
+
+def distill_config(knobs: Mapping[str, Any], seed: int = 0) -> Any:
+    """The :class:`~dfq_search.qat.distill.DistillConfig` of a trial's ``distill.`` knobs (its field
+    names -> values); a name that is not a field is refused with the fields there are."""
+    from dfq_search.qat.distill import DistillConfig
+
+    fields = sorted(set(DistillConfig.__dataclass_fields__) - {"seed"})
+    unknown = sorted(set(knobs) - set(fields))
+    if unknown:
+        raise DfqError("method.distill: unknown settings", unknown, f"fields of DistillConfig: {fields}",
+                       "fix the names in method.distill")  # fmt: skip
+    return DistillConfig(**{**{k: _number(v) for k, v in knobs.items()}, "seed": seed})  # 1e-4 too
+
+
+def _distill_ignores(cfg: Any, path: str) -> str | None:
+    """Why a distillation config would ignore ``path`` (None: it reads it)."""
+    if path in ("adv_eps", "adv_fraction") and not cfg.adv_steps:
+        return f"{path} is read with adversarial images only, and adv_steps is 0"
+    if path == "weight_lr_scale" and cfg.trainable == "steps":
+        return "weight_lr_scale is read when the weights train, and trainable is 'steps'"
+    return None
 
 
 def _number(value: Any) -> Any:
@@ -95,15 +119,19 @@ def _parse(part: str, key: Any, raw: Any) -> Knob:
 
 
 _OWNER = {"ptq": "dfq_search.ptq.PTQConfig, recon.*: ReconConfig",
-          "qat": "the preset's GameConfig: source.*, sample_loss.*, q_loss.*, train.*"}  # fmt: skip
+          "qat": "the preset's GameConfig: source.*, sample_loss.*, q_loss.*, train.*",
+          "distill": "dfq_search.qat.distill.DistillConfig: steps, lr, temperature, ..."}  # fmt: skip
 
 
-def parse_method(section: Mapping[str, Any]) -> tuple[Knob, dict[str, Knob], dict[str, Knob]]:
-    """``kind`` and the ``ptq`` and ``qat`` knobs (by path) of a space's ``method`` section, checked by
-    building every config they can give."""
+Knobs = dict[str, Knob]
+
+
+def parse_method(section: Mapping[str, Any]) -> tuple[Knob, Knobs, Knobs, Knobs]:
+    """``kind`` and the ``ptq``, ``qat`` and ``distill`` knobs (by path) of a space's ``method``
+    section, checked by building every config they can give."""
     kind = parse_knob("kind", section.get("kind", "ptq"), one_of("method.kind", KINDS))
     parts = {}
-    for part in ("ptq", "qat"):
+    for part in PARTS:
         raw = section.get(part) or {}
         if not isinstance(raw, Mapping):
             raise DfqError(f"method.{part}", raw, "a mapping of knobs", "fix the YAML")
@@ -118,7 +146,9 @@ def parse_method(section: Mapping[str, Any]) -> tuple[Knob, dict[str, Knob], dic
     if any("qat" in k for k in kind.values()):
         _check("qat", parts["qat"], _game, _game_ignores)
         _require_length(parts["qat"])
-    return kind, parts["ptq"], parts["qat"]
+    if any("distill" in k for k in kind.values()):
+        _check("distill", parts["distill"], distill_config, _distill_ignores)
+    return kind, parts["ptq"], parts["qat"], parts["distill"]
 
 
 def _require_length(knobs: Mapping[str, Knob]) -> None:

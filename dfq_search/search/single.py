@@ -27,7 +27,8 @@ from dfq_search.search.space import Samples
 from dfq_search.search.trial import TrialContext, run_trial
 from dfq_search.synth.bn import require_bn_for_samples
 
-METHODS = {"ptq": "ptq", "finetune": "qat", "ptq+finetune": "ptq+qat"}  # the CLI's name -> a trial kind
+# the CLI's name -> a trial kind
+METHODS = {"ptq": "ptq", "finetune": "qat", "ptq+finetune": "ptq+qat", "ptq+distill": "ptq+distill"}
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,15 @@ class Method:
     finetune: Mapping[str, Any] = field(default_factory=dict)
     samples: Samples = field(default_factory=Samples)
     seed: int = 0
+    distill: Mapping[str, Any] = field(default_factory=dict)  # DistillConfig fields (ptq+distill)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise DfqError("--method", self.name, f"rtn or one of {', '.join(METHODS)}", "pick one")
         kind = METHODS[self.name]
         for part, given, flags in (("ptq", self.ptq, "--modcap-k, --recon-iters, --set ptq.*"),
-                                   ("qat", self.finetune, "--finetune-*, --set finetune.*")):  # fmt: skip
+                                   ("qat", self.finetune, "--finetune-*, --set finetune.*"),
+                                   ("distill", self.distill, "--set distill.*")):  # fmt: skip
             if given and part not in kind:
                 raise DfqError(f"{flags} with --method {self.name}", sorted(given),
                                f"settings of the steps --method {self.name} runs", "drop them")  # fmt: skip
@@ -56,9 +59,11 @@ class Method:
                            "pass e.g. --finetune-iters 1000 (the presets warm up 800: --set "
                            "finetune.train.warmup=N for fewer)")  # fmt: skip
         try:  # the space's checks: every value built into its config, a setting no step reads refused
-            parse_method({"kind": kind, "ptq": dict(self.ptq), "qat": dict(self.finetune)})
+            parse_method({"kind": kind, "ptq": dict(self.ptq), "qat": dict(self.finetune),
+                          "distill": dict(self.distill)})  # fmt: skip
         except DfqError as err:
             what = err.what.replace("method.qat", "finetune").replace("method.ptq", "ptq")
+            what = what.replace("method.distill", "distill")
             raise DfqError(what, err.value, err.allowed, err.fix.replace("method.", "--set ")) from None
 
     @property
@@ -68,6 +73,7 @@ class Method:
             "kind": METHODS[self.name],
             **{f"ptq.{k}": v for k, v in self.ptq.items()},
             **{f"qat.{k}": v for k, v in self.finetune.items()},
+            **{f"distill.{k}": v for k, v in self.distill.items()},
             "seed": self.seed,
         }
 

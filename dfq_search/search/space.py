@@ -9,8 +9,9 @@ for all the keys with comments):
                one) or '_default'
     budget:    any of uniform_weight_bits, uniform_bops, mean_weight_bits, max_size_kib, max_mbops (a
                plan fits all of them); repair (lower bits until it fits)
-    method:    kind (ptq, qat, ptq+qat), ptq: {path of PTQConfig: knob}, qat: {preset, path of the
-               game's config: knob} (dfq_search.search.method)
+    method:    kind (ptq, qat, ptq+qat, ptq+distill), ptq: {path of PTQConfig: knob}, qat: {preset,
+               path of the game's config: knob}, distill: {field of DistillConfig: knob}
+               (dfq_search.search.method)
     samples:   where calibration and held-out samples come from
     objective: mode (accuracy | pareto), metric (auto | top1 | agreement | kl | mse), reports
     search:    trials, sampler, seed, concurrency, warm_start, max_failures, refine_top, refine_seeds,
@@ -213,6 +214,7 @@ class SearchSpace:
     search: Search = Search()
     resources: Resources = Resources()
     source: str = "<dict>"
+    distill: dict[str, Knob] = field(default_factory=dict)  # field of DistillConfig -> knob
 
     def knobs(self) -> list[Knob]:
         """The method knobs a trial suggests, in a fixed order (PTQ's only when a kind uses PTQ...)."""
@@ -220,6 +222,7 @@ class SearchSpace:
         out = [self.kind]
         out += list(self.ptq.values()) if any("ptq" in k for k in kinds) else []
         out += list(self.qat.values()) if any("qat" in k for k in kinds) else []
+        out += list(self.distill.values()) if any("distill" in k for k in kinds) else []
         return out
 
 
@@ -327,8 +330,8 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
             "add bits: {weight: {_default: [2, 3, 4]}, activation: {_default: [4]}}",
         )
     model = _section(data, "model", ModelRef.__dataclass_fields__)
-    method = _section(data, "method", ("kind", "ptq", "qat"))
-    kind, ptq, qat = parse_method(method)
+    method = _section(data, "method", ("kind", "ptq", "qat", "distill"))
+    kind, ptq, qat, distill = parse_method(method)
     samples = _samples(data)
     objective = _typed(
         Objective,
@@ -398,6 +401,7 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
         search,
         resources,
         source,
+        distill,
     )
 
 

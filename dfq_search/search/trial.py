@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from dfq_search.checkpoint import save_quantized
 from dfq_search.fingerprint import config_hash
 from dfq_search.quant import PROTOCOLS, BitPlan
-from dfq_search.search.method import game_config, ptq_config
+from dfq_search.search.method import distill_config, game_config, ptq_config
 from dfq_search.search.space import Objective, Samples
 
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -180,10 +180,12 @@ class _Trial:
             return metrics
         p = self.ctx.p.to(self.ctx.device).eval()
         levels = self.ctx.reports - 1  # intermediate reports; the last one is the final
-        ptq_levels = levels if self.kind == "ptq" else levels // 2 if self.kind == "ptq+qat" else 0
+        ptq_levels = levels if self.kind == "ptq" else levels // 2 if "+" in self.kind else 0
         q = self._ptq(p, ptq_levels) if "ptq" in self.kind else None
         if "qat" in self.kind:
             q = self._qat(p, q, levels - self.level)
+        if "distill" in self.kind:
+            q = self._distill(p, q, levels - self.level)
         while self.level < levels:  # fewer reconstruction groups than reports: repeat the figure
             self.emit(q)
         return self._final(q)
@@ -242,6 +244,25 @@ class _Trial:
             self.emit(game.q.eval())
         game.run()
         return game.q.eval()
+
+    def _distill(self, p: nn.Module, q: nn.Module, levels: int) -> nn.Module:
+        """Distil the PTQ model to P on the trial's calibration images; with held-out images, Q ends
+        in its most faithful state on them (the PTQ start included)."""
+        from dfq_search.qat.distill import distill
+
+        cfg = distill_config(knobs_of(self.config, "distill"), int(self.config.get("seed", 0)))
+        marks = set(_marks(cfg.steps, levels))
+
+        def monitor(step: int, model: nn.Module) -> None:
+            if step in marks and step < cfg.steps:
+                self.emit(model.eval())
+
+        images = self.ctx.calibration_images().to(self.ctx.device)
+        info = distill(p, q, images, cfg, monitor, every=1, heldout=self.ctx.heldout)
+        self.extra["distill_s"] = info["seconds"]
+        if "kept_step" in info:  # the step of the most faithful state (0: the PTQ start)
+            self.extra["distill_kept_step"] = float(info["kept_step"])
+        return q.eval()
 
     def _final(self, q: nn.Module) -> dict[str, Any]:
         metrics = self.emit(q, final=True)

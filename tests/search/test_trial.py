@@ -19,6 +19,7 @@ from dfq_search.search.space import SPACE_DIR, parse_space
 from dfq_search.search.trial import INFEASIBLE_SCORE, TrialContext, TrialFailed, _marks, knobs_of, run_trial
 
 QAT = {"train.iterations": 6, "train.warmup": 2, "train.batch_size": 8}
+DISTILL = {"steps": 6, "batch_size": 8, "check_every": 2, "lr": [1e-4, 1e-3]}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def _ctx(tiny, reports=3, scorer=None):
 
 def _config(tiny, kind="ptq", seed=0, **budget):
     raw = yaml.safe_load((SPACE_DIR / "tiny_smoke.yaml").read_text())
-    raw["method"] = {"kind": kind, "ptq": raw["method"]["ptq"], "qat": QAT}
-    for part in ("ptq", "qat"):
+    raw["method"] = {"kind": kind, "ptq": raw["method"]["ptq"], "qat": QAT, "distill": DISTILL}
+    for part in ("ptq", "qat", "distill"):
         if part not in kind:  # knobs of a method no kind runs are refused
             del raw["method"][part]
     if budget:
@@ -183,6 +184,47 @@ def test_fine_tuning_trials_report_ctx_reports_times(tiny, kind):
     q, meta = report.reloaded
     assert meta["plan"].to_dict() == config["plan"]
     assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+
+
+def test_a_distill_trial_reports_and_ends_in_its_most_faithful_state(tiny, monkeypatch):
+    import importlib
+
+    distill_mod = importlib.import_module("dfq_search.qat.distill")  # the package exports the function
+    ctx, config = _ctx(tiny), _config(tiny, kind="ptq+distill")
+    ctx.heldout = torch.randn(16, *tiny.preprocess.shape, generator=torch.Generator().manual_seed(1))
+    assert config["distill.lr"] in (1e-4, 1e-3) and config["distill.steps"] == 6  # searched, fixed
+    kept = []
+    real_offer = distill_mod.Best.offer
+
+    def offer(self, step, q):
+        real_offer(self, step, q)
+        kept.append((step, self.step))
+
+    monkeypatch.setattr(distill_mod.Best, "offer", offer)
+    report = Recorder()
+    final = run_trial(config, ctx, report)
+    assert [m["fidelity"] for m, _ in report.calls] == [1, 2, 3]
+    assert [s for s, _ in kept] == [0, 2, 4, 6]  # the start, every check_every steps and the end
+    assert final["distill_kept_step"] == kept[-1][1] and final["distill_s"] > 0
+    q, _ = report.reloaded
+    assert ctx.scorer(q)["score"] == pytest.approx(final["score"], rel=1e-5, abs=1e-7)
+
+
+def test_distill_knobs_are_checked_like_the_other_methods():
+    from dfq_search.errors import DfqError
+    from dfq_search.search.method import distill_config, parse_method
+
+    assert distill_config({"lr": 3e-4, "temperature": 2.0}, seed=5).seed == 5
+    with pytest.raises(DfqError, match="unknown settings"):
+        parse_method({"kind": "ptq+distill", "distill": {"learning_rate": 1e-4}})
+    with pytest.raises(DfqError, match="adv_steps is 0"):
+        parse_method({"kind": "ptq+distill", "distill": {"adv_eps": [0.1, 0.2]}})
+    with pytest.raises(DfqError, match="no trial would use them"):
+        parse_method({"kind": "ptq", "distill": {"lr": 1e-4}})
+    with pytest.raises(DfqError, match="temperature"):
+        parse_method({"kind": "ptq+distill", "distill": {"temperature": [0.0, 4.0]}})
+    with pytest.raises(DfqError, match="campaign sets"):
+        parse_method({"kind": "ptq+distill", "distill": {"seed": 3}})
 
 
 def test_a_trials_configs_are_its_knobs_paths_over_the_configs_and_presets():
