@@ -27,13 +27,17 @@ def _by_bits(saved: dict) -> dict[str, dict[int, float]]:
     return {k: {int(b): v for b, v in d.items()} for k, d in saved.items()}
 
 
-def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict:
+def sensitivity(bundle, calib, plans_space, layers, run_dir: Path, device, log: Log) -> dict | None:
+    """ZeroQ's Ω per layer and weight choice, measured once and kept in the campaign folder
+    (``sensitivity.json``); None when no layer's weights are searched (nothing to order or allocate)."""
+    probe = PlanSpace(plans_space, layers)
+    if all(len(c.w) == 1 for c in probe.choices):
+        return None
     path = run_dir / "sensitivity.json"
     if path.is_file():
         return _by_bits(json.loads(path.read_text()))
     from dfq_search.ptq.sensitivity import zeroq_sensitivity
 
-    probe = PlanSpace(plans_space, layers)
     bits = sorted({w for c in probe.choices for w in c.w})
     start = time.perf_counter()
     sens = zeroq_sensitivity(bundle.model, list(calib[:SENSITIVITY_IMAGES].split(64)), bits, device)

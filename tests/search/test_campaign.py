@@ -243,6 +243,21 @@ def test_activation_sensitivity_is_measured_once_where_activations_are_searched(
     assert again == sens and len(logs) == 1  # read back from the campaign folder, not remeasured
 
 
+def test_weight_sensitivity_is_not_measured_for_a_space_of_one_plan(tmp_path, layers_of):
+    import torch
+
+    from dfq_search.models import create_model
+    from dfq_search.search.starts import sensitivity
+
+    bundle, layers, logs = create_model("tiny_cnn"), layers_of("tiny_cnn"), []
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = parse_space({"bits": {"weight": {"_default": [4]}, "activation": {"_default": [8]}}})
+    assert sensitivity(bundle, calib, one, layers, tmp_path, "cpu", logs.append) is None and not logs
+    assert not (tmp_path / "sensitivity.json").exists()
+    two = parse_space({"bits": {"weight": {"_default": [2, 4]}, "activation": {"_default": [8]}}})
+    assert set(sensitivity(bundle, calib, two, layers, tmp_path, "cpu", logs.append)) and len(logs) == 1
+
+
 def test_the_campaign_reruns_its_finalists_at_the_space_refine_iters(tmp_path, monkeypatch):
     """search.refine_iters reaches the reruns (a value accepted is a value used)."""
     from types import SimpleNamespace
