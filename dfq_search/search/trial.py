@@ -155,6 +155,13 @@ class _Trial:
         }
         self.start, self.level = time.perf_counter(), 0
         self.extra: dict[str, float] = {}
+        self._calib: Tensor | None = None
+
+    def calib(self) -> Tensor:
+        """The trial's calibration images, drawn once (PTQ and the distillation share them)."""
+        if self._calib is None:
+            self._calib = self.ctx.calibration_images()
+        return self._calib
 
     def emit(self, q: nn.Module, final: bool = False) -> dict[str, Any]:
         """Score ``q`` and report it (the final report comes with the checkpoint)."""
@@ -207,7 +214,7 @@ class _Trial:
             if done in marks and done < total and self.level - start < levels:
                 self.emit(q)
 
-        batches = list(torch.split(self.ctx.calibration_images(), 64))
+        batches = list(torch.split(self.calib(), 64))
         result = run_ptq(p, self.plan, batches, cfg, PROTOCOLS["ptq"].config, self.ctx.device, progress,
                          heldout=self.ctx.heldout, reuse=store)  # fmt: skip
         self.extra = {"oscillation": result.oscillation, "rise": result.rise}
@@ -257,7 +264,7 @@ class _Trial:
             if step in marks and step < cfg.steps:
                 self.emit(model.eval())
 
-        images = self.ctx.calibration_images().to(self.ctx.device)
+        images = self.calib().to(self.ctx.device)
         info = distill(p, q, images, cfg, monitor, every=1, heldout=self.ctx.heldout)
         self.extra["distill_s"] = info["seconds"]
         if "kept_step" in info:  # the step of the most faithful state (0: the PTQ start)
